@@ -1,0 +1,37 @@
+"""Train the small CNN on digits (scikit-learn's 8x8 handwritten digits) from scratch.
+
+python -m jft.main --config=configs/digits_cnn.py --workdir=runs/digits_cnn
+Images are scaled to [0, 1] and resized to 28x28, the fashion CNN's input, so runs compare with transfer.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  quick = arg == 'quick'
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 64
+  config.total_steps = 30 if quick else 600
+  config.log_every = 10 if quick else 50
+  config.eval_every = 15 if quick else 100
+  config.checkpoint_every = 15 if quick else 200
+  config.checkpoint = dict(keep_latest=2, keep_best=1, best_metric='accuracy', best_mode='max')
+
+  config.data = dict(
+      name='digits',
+      data_dir=config_dict.placeholder(str),
+      # 1,437 training images; the first 137 held out to pick the best checkpoint.
+      train_split='train[137:]',
+      validation_split='train[:137]',
+      test_split='test',
+      augment=('shift',),
+      crop_padding=2,
+      max_shift=2,
+      image_size=28,
+  )
+  config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0)
+  config.optim = dict(name='adamw', lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=50,
+                      schedule='cosine', clip_norm=config_dict.placeholder(float), accumulate_steps=1)
+  return config

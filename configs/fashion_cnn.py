@@ -1,0 +1,37 @@
+"""Train the small CNN on fashion (Fashion-MNIST) from scratch: the run that later configs fine-tune from.
+
+python -m jft.main --config=configs/fashion_cnn.py --workdir=runs/fashion_cnn
+`:quick` is a sub-minute smoke run of the same pipeline for tests.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  quick = arg == 'quick'
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 128
+  config.total_steps = 40 if quick else 1800
+  config.log_every = 10 if quick else 100
+  config.eval_every = 20 if quick else 600
+  config.checkpoint_every = 20 if quick else 600
+  config.checkpoint = dict(keep_latest=2, keep_best=1, best_metric='accuracy', best_mode='max')
+
+  config.data = dict(
+      name='fashion',
+      data_dir=config_dict.placeholder(str),
+      # The 60,000 training images: the first 5,000 held out to pick the best checkpoint.
+      train_split='train[5000:]',
+      validation_split='train[:500]' if quick else 'train[:5000]',
+      test_split='test[:1000]' if quick else 'test',
+      augment=('crop', 'flip'),
+      crop_padding=2,
+      max_shift=2,
+      image_size=config_dict.placeholder(int),
+  )
+  config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0)
+  config.optim = dict(name='adamw', lr=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=100,
+                      schedule='cosine', clip_norm=config_dict.placeholder(float), accumulate_steps=1)
+  return config

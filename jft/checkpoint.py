@@ -1,0 +1,70 @@
+"""Checkpoints with orbax: async saves of the train state, data iterator position and config; exact resume.
+
+Each step directory holds three items, readable with plain orbax: `state` (the `TrainState`: step,
+params, opt_state, model_state, rng), `data` (the data iterator's JSON state) and `config` (JSON).
+"""
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jft import tree_paths
+from jft.errors import UserError
+from jft.state import TrainState
+
+ITEMS = ('state', 'data', 'config')
+
+
+class Checkpoints:
+  """An orbax `CheckpointManager` that keeps the latest `keep_latest` steps and the best `keep_best`."""
+
+  def __init__(self, directory: str, *, keep_latest: int = 2, keep_best: int = 1,
+               best_metric: str = 'accuracy', best_mode: str = 'max', async_save: bool = True):
+    if best_mode not in ('max', 'min'):
+      raise UserError(f"config.checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
+    preserve = [policies.LatestN(n=keep_latest)]
+    if keep_best:
+      preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == 'min',
+                                     n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(preserve),
+        enable_async_checkpointing=async_save, create=True)
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, state: TrainState, data_state: Any, config: dict, metrics: dict | None = None) -> None:
+    """Starts an async save of `state` at its step; returns once the arrays are copied off the device."""
+    step = int(state.step)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config)), metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Any]:
+    """(state, data iterator state) of `step`, restored onto `abstract_state` (shapes, dtypes, shardings)."""
+    saved = self.manager.item_metadata(step)['state'].tree
+    mismatches = tree_paths.shape_mismatches(abstract_state.params, saved['params'])
+    if mismatches:
+      raise UserError(
+          f'the checkpoint at step {step} in {self.directory} does not fit the configured model:\n'
+          + '\n'.join(mismatches)
+          + '\nuse the config the checkpoint was written with, or a new --workdir')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], restored['data']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

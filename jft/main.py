@@ -1,0 +1,138 @@
+"""Command line: `python -m jft.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]`.
+
+The only place that turns a config into components (data, model, optimizer, state, checkpoints) and runs
+the train loop. Running the same command again in the same DIR resumes from the latest checkpoint.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import flags, logging
+from ml_collections import config_flags
+
+from jft import data, models, optim, sharding
+from jft import step as step_lib
+from jft.apply_fn import linen_apply_fn, split_variables
+from jft.checkpoint import Checkpoints
+from jft.errors import UserError
+from jft.metric_writer import MetricWriter
+from jft.state import TrainState, create_train_state
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'work directory: config.json, metrics.jsonl, checkpoints/')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() (multi-host runs)')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails before anything is written when a field is out of range."""
+  for field in ('total_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every'):
+    if config[field] <= 0:
+      raise UserError(f'config.{field} must be a positive integer, got {config[field]}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) per `config` in `workdir`; returns the final test metrics."""
+  validate_config(config)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  local_batch_size = config.batch_size // jax.process_count()
+
+  num_classes = data.num_classes(config.data)
+  module = models.get_model(config.model, num_classes)
+  apply_fn = linen_apply_fn(module)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  example = next(iter(data.eval_batches(config.data, config.data.test_split, local_batch_size, **process)))
+  example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  def init_state(rng):
+    params, model_state = split_variables(module.init(rng, **example_inputs, train=False))
+    return create_train_state(params, model_state, tx, train_rng)
+
+  replicated = sharding.replicated(mesh)
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                jax.eval_shape(init_state, init_rng))
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), **config.checkpoint)
+  train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
+  resume_step = checkpoints.latest_step()
+  if resume_step is None:
+    state = jax.jit(init_state, out_shardings=replicated)(init_rng)
+  else:
+    state, data_state = checkpoints.restore(resume_step, abstract_state)
+    train_batches.set_state(data_state)
+    logging.info('resumed from step %d', resume_step)
+
+  config_json = json.loads(config.to_json())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config_json, f, indent=2)
+  writer = MetricWriter(workdir, resume_step)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx), mesh)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(apply_fn, num_classes), mesh)
+
+  def evaluate(split):
+    batches = data.eval_batches(config.data, split, local_batch_size, **process)
+    return step_lib.evaluate(eval_step, state, batches, mesh)
+
+  first_step = int(state.step) + 1
+  pending, window_start = [], time.perf_counter()
+  bar = tqdm.tqdm(range(first_step, config.total_steps + 1), initial=first_step - 1, total=config.total_steps,
+                  unit='step', mininterval=1.0, disable=jax.process_index() != 0)
+  for step in bar:
+    state, metrics = train_step(state, sharding.put_batch(next(train_batches), mesh))
+    pending.append(metrics)
+    last = step == config.total_steps
+    if step % config.log_every == 0 or last:
+      means = {k: float(v) for k, v in jax.tree.map(lambda *x: np.mean(x), *jax.device_get(pending)).items()}
+      means['steps_per_sec'] = len(pending) / (time.perf_counter() - window_start)
+      writer.write(step, 'train', means)
+      bar.set_postfix(loss=f"{means['loss']:.4f}")
+      pending, window_start = [], time.perf_counter()
+    validation = None
+    if config.data.validation_split and (step % config.eval_every == 0 or last):
+      validation = evaluate(config.data.validation_split)
+      writer.write(step, 'validation', validation)
+    if step % config.checkpoint_every == 0 or last:
+      checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation)
+  bar.close()
+  checkpoints.wait()
+
+  test = evaluate(config.data.test_split)
+  writer.write(int(state.step), 'test', test)
+  checkpoints.close()
+  writer.close()
+  return test
+
+
+def _fail(message: str) -> None:
+  print(f'jft: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main() -> None:
+  try:
+    flags.FLAGS(sys.argv)
+  except (flags.Error, ValueError, OSError, AttributeError, KeyError, TypeError) as e:
+    _fail(f'{e}\nusage: python -m jft.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE]')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    _fail('both --config=configs/NAME.py[:ARG] and --workdir=DIR are required')
+  logging.use_absl_handler()
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  try:
+    test = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    _fail(str(e))
+  print(json.dumps({'split': 'test', **{k: v for k, v in test.items() if k != 'confusion_matrix'}}))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,40 @@
+"""Classification metrics: on-device sums per batch (masked), finished on the host from the totals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+  """Loss sum, example count and confusion matrix [true, predicted] of one batch; padding (mask 0) excluded."""
+  mask = mask.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  predicted = jnp.argmax(logits, axis=-1)
+  pairs = jax.nn.one_hot(labels, num_classes)[:, :, None] * jax.nn.one_hot(predicted, num_classes)[:, None, :]
+  return {
+      'loss_sum': jnp.sum(losses * mask),
+      'count': jnp.sum(mask),
+      'confusion': jnp.einsum('b,bij->ij', mask, pairs),
+  }
+
+
+def summarize(loss_sum: float, count: float, confusion: np.ndarray) -> dict[str, float]:
+  """Loss, accuracy, macro precision/recall/F1 over all classes (0 where undefined), confusion matrix."""
+  confusion = np.asarray(confusion, np.float64)
+  true_positives = np.diag(confusion)
+  predicted = confusion.sum(axis=0)
+  actual = confusion.sum(axis=1)
+  precision = np.divide(true_positives, predicted, out=np.zeros_like(true_positives), where=predicted > 0)
+  recall = np.divide(true_positives, actual, out=np.zeros_like(true_positives), where=actual > 0)
+  denominator = precision + recall
+  f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+  return {
+      'loss': float(loss_sum / count),
+      'accuracy': float(true_positives.sum() / count),
+      'macro_precision': float(precision.mean()),
+      'macro_recall': float(recall.mean()),
+      'macro_f1': float(f1.mean()),
+      'count': int(count),
+      'confusion_matrix': confusion.astype(np.int64).tolist(),
+  }

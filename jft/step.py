@@ -1,0 +1,81 @@
+"""The pure train and eval steps, and their one `jax.jit` over the device mesh."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jft import metrics as metrics_lib
+from jft import sharding
+from jft.apply_fn import ApplyFn
+from jft.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+NOT_INPUTS = ('label', 'mask')
+
+
+def model_inputs(batch: Batch) -> Batch:
+  """The batch features the model takes as keyword arguments: everything but labels and the eval mask."""
+  return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+
+
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """`train_step(state, batch) -> (state, metrics)`: softmax cross-entropy, one optimizer update."""
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      logits, model_state = apply_fn(params, state.model_state, model_inputs(batch), True, rng)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
+      return jnp.mean(loss), (logits, model_state)
+
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+    return new_state, {
+        'loss': loss,
+        'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+        'grad_norm': optax.tree.norm(grads),
+    }
+
+  return train_step
+
+
+def make_eval_step(apply_fn: ApplyFn, num_classes: int) -> Callable[[TrainState, Batch], Metrics]:
+  """`eval_step(state, batch) -> sums` (loss sum, count, confusion matrix) over the batch's unmasked examples."""
+
+  def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    logits, _ = apply_fn(state.params, state.model_state, model_inputs(batch), False, state.rng)
+    return metrics_lib.batch_sums(logits, batch['label'], batch['mask'], num_classes)
+
+  return eval_step
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Compiles the step once: state replicated and donated, batch split over the mesh, metrics replicated."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(replicated, sharding.batch_sharded(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable[[TrainState, Batch], Metrics]:
+  replicated = sharding.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(replicated, sharding.batch_sharded(mesh)), out_shardings=replicated)
+
+
+def evaluate(eval_step: Callable[[TrainState, Batch], Metrics], state: TrainState, batches: Any,
+             mesh: Mesh) -> dict[str, float]:
+  """Metrics over every example of `batches` (numpy dicts with a `mask`), summed on device, finished on host."""
+  totals = None
+  for local_batch in batches:
+    sums = eval_step(state, sharding.put_batch(local_batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  return metrics_lib.summarize(totals['loss_sum'], totals['count'], totals['confusion'])

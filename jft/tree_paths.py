@@ -1,0 +1,36 @@
+"""Parameter paths: a leaf's place in a nested dict, its keys joined by '/' (e.g. `conv_0/kernel`)."""
+
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+def path_str(key_path: tuple) -> str:
+  """'/'-joined names of a jax key path (dict keys, attribute names and sequence indices)."""
+  parts = []
+  for key in key_path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+  """{path: leaf} in the tree's order."""
+  return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shape_mismatches(expected: PyTree, found: PyTree) -> list[str]:
+  """Human-readable lines for every path that is missing, unexpected, or of another shape."""
+  want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
+  have = {k: tuple(v.shape) for k, v in flatten(found).items()}
+  lines = [f'  missing   {k} {want[k]}' for k in want if k not in have]
+  lines += [f'  unexpected {k} {have[k]}' for k in have if k not in want]
+  lines += [f'  shape     {k}: expected {want[k]}, found {have[k]}'
+            for k in want if k in have and want[k] != have[k]]
+  return lines

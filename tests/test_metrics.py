@@ -1,0 +1,40 @@
+import jax
+import numpy as np
+from sklearn import metrics as skm
+
+from jft import metrics
+
+
+def test_summary_matches_sklearn_and_ignores_padding():
+  rng = np.random.default_rng(0)
+  num_classes, n, pad = 4, 50, 14
+  labels = rng.integers(0, num_classes, n + pad)
+  logits = rng.normal(size=(n + pad, num_classes)).astype(np.float32)
+  logits[np.arange(n + pad), labels] += 1.0  # better than chance, so the metrics are not degenerate
+  mask = np.arange(n + pad) < n
+  labels[n:] = 0  # padding rows: whatever they hold must not count
+
+  sums = jax.device_get(metrics.batch_sums(logits, labels, mask, num_classes))
+  summary = metrics.summarize(sums['loss_sum'], sums['count'], sums['confusion'])
+
+  y, predicted = labels[:n], logits[:n].argmax(-1)
+  precision, recall, f1, _ = skm.precision_recall_fscore_support(
+      y, predicted, labels=range(num_classes), average='macro', zero_division=0)
+  assert summary['count'] == n
+  np.testing.assert_allclose(summary['accuracy'], skm.accuracy_score(y, predicted), rtol=1e-6)
+  np.testing.assert_allclose(summary['macro_precision'], precision, rtol=1e-6)
+  np.testing.assert_allclose(summary['macro_recall'], recall, rtol=1e-6)
+  np.testing.assert_allclose(summary['macro_f1'], f1, rtol=1e-6)
+  np.testing.assert_allclose(summary['loss'], skm.log_loss(y, jax.nn.softmax(logits[:n]), labels=range(4)),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(summary['confusion_matrix'],
+                                skm.confusion_matrix(y, predicted, labels=range(num_classes)))
+
+
+def test_class_never_predicted_scores_zero_not_nan():
+  confusion = np.array([[3, 0], [2, 0]])  # class 1 is never predicted
+  summary = metrics.summarize(loss_sum=1.0, count=5, confusion=confusion)
+  assert summary['accuracy'] == 0.6
+  np.testing.assert_allclose(summary['macro_precision'], (3 / 5 + 0) / 2)
+  np.testing.assert_allclose(summary['macro_recall'], (1 + 0) / 2)
+  np.testing.assert_allclose(summary['macro_f1'], (2 * 0.6 * 1 / 1.6 + 0) / 2)
