@@ -14,8 +14,6 @@ from jft import tree_paths
 from jft.errors import UserError
 from jft.state import TrainState
 
-ITEMS = ('state', 'data', 'config')
-
 
 class Checkpoints:
   """An orbax `CheckpointManager` that keeps the latest `keep_latest` steps and the best `keep_best`."""
@@ -24,15 +22,19 @@ class Checkpoints:
                best_metric: str = 'accuracy', best_mode: str = 'max', async_save: bool = True):
     if best_mode not in ('max', 'min'):
       raise UserError(f"config.checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
+    best_fn = lambda metrics: metrics[best_metric]
     preserve = [policies.LatestN(n=keep_latest)]
     if keep_best:
-      preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == 'min',
-                                     n=keep_best, keep_checkpoints_without_metrics=False))
+      preserve.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == 'min', n=keep_best,
+                                     keep_checkpoints_without_metrics=False))
+    # best_fn also makes orbax store each step's metrics, so the best survive a restart.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(preserve),
+        best_fn=best_fn, best_mode=best_mode, preservation_policy=policies.AnyPreservationPolicy(preserve),
         enable_async_checkpointing=async_save, create=True)
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+                    config=ocp.JsonCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -41,6 +43,7 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def best_step(self) -> int | None:
+    """The kept step with the best validation metric (the latest step if none has metrics)."""
     return self.manager.best_step()
 
   def save(self, state: TrainState, data_state: Any, config: dict, metrics: dict | None = None) -> None:
@@ -59,8 +62,13 @@ class Checkpoints:
           f'the checkpoint at step {step} in {self.directory} does not fit the configured model:\n'
           + '\n'.join(mismatches)
           + '\nuse the config the checkpoint was written with, or a new --workdir')
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured train '
+                      f'state ({type(e).__name__}: {e}); use the config it was written with, or a new --workdir'
+                      ) from None
     return restored['state'], restored['data']
 
   def wait(self) -> None:

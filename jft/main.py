@@ -22,7 +22,7 @@ from jft.apply_fn import linen_apply_fn, split_variables
 from jft.checkpoint import Checkpoints
 from jft.errors import UserError
 from jft.metric_writer import MetricWriter
-from jft.state import TrainState, create_train_state
+from jft.state import create_train_state
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'work directory: config.json, metrics.jsonl, checkpoints/')
@@ -42,13 +42,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  local_batch_size = config.batch_size // jax.process_count()
 
-  num_classes = data.num_classes(config.data)
+  num_classes = data.num_classes(config.data.name, config.data.data_dir)
   module = models.get_model(config.model, num_classes)
   apply_fn = linen_apply_fn(module)
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  example = next(iter(data.eval_batches(config.data, config.data.test_split, local_batch_size, **process)))
+  example = next(iter(data.eval_batches(config.data, config.data.test_split, config.batch_size, **process)))
   example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
@@ -78,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(apply_fn, num_classes), mesh)
 
   def evaluate(split):
-    batches = data.eval_batches(config.data, split, local_batch_size, **process)
+    batches = data.eval_batches(config.data, split, config.batch_size, **process)
     return step_lib.evaluate(eval_step, state, batches, mesh)
 
   first_step = int(state.step) + 1

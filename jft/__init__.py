@@ -1,0 +1,11 @@
+"""jft: fine-tune pretrained JAX/Flax models, freeze, prune and recover them; config-driven and pure-functional.
+
+The public pieces a user's own script needs, in the order a batch meets them:
+`jft.data` (tfds builders + grain pipelines), `jft.models`, `jft.apply_fn` (linen / NNX -> apply function),
+`jft.optim`, `jft.state`, `jft.step` (the pure, jitted train and eval steps), `jft.checkpoint`, `jft.metrics`.
+"""
+
+from jft import apply_fn, checkpoint, metrics, optim, sharding, state, step
+from jft.errors import UserError
+
+__all__ = ['UserError', 'apply_fn', 'checkpoint', 'metrics', 'optim', 'sharding', 'state', 'step']

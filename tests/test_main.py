@@ -1,0 +1,109 @@
+"""The command line end to end on the :quick configs: work directory contract, exact resume, user errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(os.path.dirname(ROOT), 'shared', 'tools')
+
+
+def run_main(*args, data_dir):
+  command = [sys.executable, '-m', 'jft.main', *args, f'--config.data.data_dir={data_dir}']
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp('fashion_quick'))
+  result = run_main('--config=configs/fashion_cnn.py:quick', f'--workdir={workdir}', data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_workdir_follows_the_contract(quick_run):
+  workdir, result = quick_run
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['total_steps'] == 40
+  lines = read_metrics(workdir)
+  assert {line['split'] for line in lines} == {'train', 'validation', 'test'}
+  (test,) = [line for line in lines if line['split'] == 'test']
+  assert test['step'] == 40 and test['count'] == 1000  # the whole test slice, nothing dropped
+  assert test['accuracy'] > 0.5  # 40 steps already learn far more than chance (0.1)
+  assert 0 < test['macro_f1'] <= 1 and len(test['confusion_matrix']) == 10
+  assert sum(map(sum, test['confusion_matrix'])) == 1000
+  assert json.loads(result.stdout.strip().splitlines()[-1])['accuracy'] == test['accuracy']
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(os.path.join(workdir, 'tensorboard')))
+
+
+def test_checkpoints_readable_with_plain_orbax(quick_run):
+  workdir, _ = quick_run
+  out = subprocess.run([sys.executable, os.path.join(TOOLS, 'check_workdir.py'), workdir],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  facts = json.loads(out.stdout.strip().splitlines()[-1])
+  assert facts['latest'] == 40
+  assert 40 in facts['steps'] and len(facts['steps']) <= 3  # keep latest 2 + best 1
+  assert facts['paths']['head/kernel'][0] == [256, 10]
+
+
+def test_rerun_of_a_finished_run_resumes_without_training(quick_run, data_dir):
+  workdir, _ = quick_run
+  before = [line for line in read_metrics(workdir) if line['split'] != 'test']
+  result = run_main('--config=configs/fashion_cnn.py:quick', f'--workdir={workdir}', data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  after = read_metrics(workdir)
+  assert [line for line in after if line['split'] != 'test'] == before
+  assert [line['split'] for line in after].count('test') == 1
+
+
+def test_killed_and_restarted_run_ends_bit_identical(tmp_path, data_dir):
+  out = subprocess.run(
+      [sys.executable, os.path.join(TOOLS, 'kill_resume.py'), sys.executable, 'configs/fashion_cnn.py:quick',
+       str(tmp_path), f'--config.data.data_dir={data_dir}'],
+      capture_output=True, text=True, timeout=900, cwd=ROOT)
+  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  assert verdict['identical'], verdict
+  assert 0 < verdict['killed_after_step'] < 40
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/fashion_cnn.py:quick', '--config.batch_size=0'], 'batch_size'),
+    (['--config=configs/fashion_cnn.py:quick', '--config.optim.lr=-1.0'], 'lr'),
+    (['--config=configs/fashion_cnn.py:quick', '--config.model.name=vgg'], 'vgg'),
+    (['--config=configs/fashion_cnn.py:quick', '--config.no_such_field=1'], 'no_such_field'),
+    (['--config=configs/no_such_config.py'], 'no_such_config'),
+    (['--config=configs/fashion_cnn.py:quick'], 'workdir'),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, data_dir, args, message):
+  if not any(a.startswith('--workdir') for a in args) and message != 'workdir':
+    args = [*args, f'--workdir={tmp_path / "w"}']
+  result = run_main(*args, data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_incompatible_checkpoint_is_a_user_error_and_damages_nothing(quick_run, data_dir):
+  workdir, _ = quick_run
+  before = {name: open(os.path.join(workdir, name)).read() for name in ('config.json', 'metrics.jsonl')}
+  steps_before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  result = run_main('--config=configs/fashion_cnn.py:quick', f'--workdir={workdir}', '--config.model.hidden=64',
+                    data_dir=data_dir)
+  assert result.returncode == 2
+  assert 'hidden/kernel: expected (3136, 64), found (3136, 256)' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == steps_before
