@@ -13,10 +13,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.batch_size = 128
-  config.total_steps = 40 if quick else 1800
+  config.total_steps = 40 if quick else 3000
   config.log_every = 10 if quick else 100
-  config.eval_every = 20 if quick else 600
-  config.checkpoint_every = 20 if quick else 600
+  config.eval_every = 20 if quick else 1000
+  config.checkpoint_every = 20 if quick else 1000
   config.checkpoint = dict(keep_latest=2, keep_best=1, best_metric='accuracy', best_mode='max')
 
   config.data = dict(
