@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jft import data, models, optim, sharding
@@ -43,6 +44,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(config.batch_size, mesh)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
+  if jax.process_count() > 1:
+    # One host builds the tfds dataset (a shared data_dir); the others wait rather than race to write it.
+    if jax.process_index() == 0:
+      data.data_source(config.data.name, config.data.train_split, config.data.data_dir)
+    multihost_utils.sync_global_devices('jft: data prepared')
   num_classes = data.num_classes(config.data.name, config.data.data_dir)
   module = models.get_model(config.model, num_classes)
   apply_fn = linen_apply_fn(module)
@@ -72,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config_json, f, indent=2)
-  writer = MetricWriter(workdir, resume_step)
+  writer = MetricWriter(workdir, resume_step, enabled=jax.process_index() == 0)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx), mesh)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(apply_fn, num_classes), mesh)
 

@@ -8,9 +8,15 @@ import tensorboardX
 
 
 class MetricWriter:
-  """Appends `{'step', 'split', **metrics}` lines and scalars; on resume, forgets lines of the lost steps."""
+  """Appends `{'step', 'split', **metrics}` lines and scalars; on resume, forgets lines of the lost steps.
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
+  Only one process of a multi-host run writes (`enabled`); the others' writes do nothing.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.path):
       self._keep_lines_up_to(resume_step or 0)
@@ -30,6 +36,8 @@ class MetricWriter:
       os.replace(tmp, self.path)
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
     for name, value in metrics.items():
@@ -38,4 +46,6 @@ class MetricWriter:
     self.tensorboard.flush()
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self.tensorboard.close()
