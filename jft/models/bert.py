@@ -1,0 +1,257 @@
+"""A Flax BERT encoder, shaped by a Hugging Face `config.json`, and a sequence classifier on top of it.
+
+Parameter paths (what freezing, lr and pruning rules match against):
+  embeddings/{word,position,token_type}_embeddings/embedding, embeddings/layer_norm/{scale,bias}
+  encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}, encoder/layer_{i}/attention/layer_norm
+  encoder/layer_{i}/mlp/{intermediate,output}/{kernel,bias}, encoder/layer_{i}/mlp/layer_norm
+  pooler/{kernel,bias}, and for the classifier head/{kernel,bias}
+Query, key and value stay separate parameters (users freeze and prune them one by one) but are
+concatenated inside the step into one projection: one large matmul runs much closer to the CPU's peak
+than three small ones. Attention runs in a (batch, head, token, dim) layout for the same reason.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jft import model_files
+from jft.errors import UserError
+
+ACTIVATIONS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+}
+POOLINGS = ('cls', 'mean', 'pooler')
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The shape of a BERT encoder, with the field names of Hugging Face's `config.json`."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  hidden_act: str = 'gelu'
+  layer_norm_eps: float = 1e-12
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise UserError(f'BERT hidden_size {self.hidden_size} is not divisible by num_attention_heads '
+                      f'{self.num_attention_heads}: fix config.json or the model overrides')
+    if self.hidden_act not in ACTIVATIONS:
+      raise UserError(f'BERT hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}')
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> 'BertConfig':
+    """The known fields of a Hugging Face config dict; the rest (architectures, versions...) are ignored."""
+    if fields.get('model_type', 'bert') != 'bert':
+      raise UserError(f"model_type {fields['model_type']!r} is not a BERT; jft loads BERT encoders (model_type 'bert')")
+    if fields.get('position_embedding_type', 'absolute') != 'absolute':
+      raise UserError(f"position_embedding_type {fields['position_embedding_type']!r} is not supported; "
+                      "jft's BERT has absolute position embeddings")
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in known})
+
+  @classmethod
+  def from_source(cls, source: str, **overrides: Any) -> 'BertConfig':
+    """The config of a registered pretrained model (e.g. 'minilm') or a Hugging Face directory."""
+    path = model_files.pretrained_file(source, 'config.json')
+    with open(path) as f:
+      fields = json.load(f)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise UserError(f'unknown BERT config field(s) {sorted(unknown)} in the model overrides; '
+                      f'use fields of {[f.name for f in dataclasses.fields(cls)]}')
+    return cls.from_dict({**fields, **overrides})
+
+
+@flax.struct.dataclass
+class BertOutput:
+  """Named as in Hugging Face's BertModel output."""
+
+  last_hidden_state: jax.Array  # [batch, length, hidden]
+  pooler_output: jax.Array | None  # [batch, hidden]
+
+
+class LinearParams(nn.Module):
+  """The kernel [in, out] and bias [out] of a dense layer, returned rather than applied (so they can be fused)."""
+
+  features_in: int
+  features_out: int
+  init_std: float
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', nn.initializers.normal(self.init_std), (self.features_in, self.features_out))
+    bias = self.param('bias', nn.initializers.zeros, (self.features_out,))
+    return kernel, bias
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  # Two-pass variance, as PyTorch computes it: the one-pass form drifts past 1e-5 on BERT's activations.
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, name=name)
+
+
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a residual connection and a post layer norm."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, train: bool) -> jax.Array:
+    config = self.config
+    batch, length, hidden = x_BxLxD.shape
+    heads = config.num_attention_heads
+    head_dim = hidden // heads
+    projections = [LinearParams(hidden, hidden, config.initializer_range, name=n)() for n in ('query', 'key', 'value')]
+    kernel_Dx3D = jnp.concatenate([kernel for kernel, _ in projections], axis=1)
+    bias_3D = jnp.concatenate([bias for _, bias in projections])
+    qkv_BxLx3D = x_BxLxD @ kernel_Dx3D + bias_3D
+    qkv_3xBxHxLxK = qkv_BxLx3D.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    query, key, value = qkv_3xBxHxLxK
+    scores_BxHxLxL = jnp.einsum('bhqk,bhsk->bhqs', query, key) / math.sqrt(head_dim) + mask_bias_Bx1x1xL
+    probs = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32), axis=-1).astype(x_BxLxD.dtype)
+    probs = nn.Dropout(config.attention_probs_dropout_prob, deterministic=not train)(probs)
+    context_BxHxLxK = jnp.einsum('bhqs,bhsk->bhqk', probs, value)
+    context_BxLxD = context_BxHxLxK.transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+    out = _dense(config, hidden, 'output')(context_BxLxD)
+    out = nn.Dropout(config.hidden_dropout_prob, deterministic=not train)(out)
+    return _layer_norm(config, 'layer_norm')(x_BxLxD + out)
+
+
+class FeedForward(nn.Module):
+  """The position-wise MLP with a residual connection and a post layer norm."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, train: bool) -> jax.Array:
+    config = self.config
+    h = ACTIVATIONS[config.hidden_act](_dense(config, config.intermediate_size, 'intermediate')(x_BxLxD))
+    out = _dense(config, config.hidden_size, 'output')(h)
+    out = nn.Dropout(config.hidden_dropout_prob, deterministic=not train)(out)
+    return _layer_norm(config, 'layer_norm')(x_BxLxD + out)
+
+
+class TransformerLayer(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, train: bool) -> jax.Array:
+    x_BxLxD = SelfAttention(self.config, name='attention')(x_BxLxD, mask_bias_Bx1x1xL, train)
+    return FeedForward(self.config, name='mlp')(x_BxLxD, train)
+
+
+class Embeddings(nn.Module):
+  """Word + position + token type embeddings, layer norm, dropout."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array, train: bool) -> jax.Array:
+    config = self.config
+    length = input_ids_BxL.shape[1]
+    if length > config.max_position_embeddings:
+      raise UserError(f'a sequence of {length} tokens is longer than the model\'s {config.max_position_embeddings} '
+                      'positions: set data.max_len (and the largest bucket) to at most that')
+    init = nn.initializers.normal(config.initializer_range)
+    embed = lambda count, name: nn.Embed(count, config.hidden_size, embedding_init=init, name=name)
+    x = embed(config.vocab_size, 'word_embeddings')(input_ids_BxL)
+    x = x + embed(config.max_position_embeddings, 'position_embeddings')(jnp.arange(length))[None]
+    x = x + embed(config.type_vocab_size, 'token_type_embeddings')(token_type_ids_BxL)
+    x = _layer_norm(config, 'layer_norm')(x)
+    return nn.Dropout(config.hidden_dropout_prob, deterministic=not train)(x)
+
+
+class Encoder(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, attention_mask_BxL: jax.Array, train: bool) -> jax.Array:
+    # Masked keys get the most negative float: exp underflows to exactly 0, as in Hugging Face's BERT.
+    mask_bias = jnp.where(attention_mask_BxL[:, None, None, :] > 0, 0.0, jnp.finfo(x_BxLxD.dtype).min)
+    for i in range(self.config.num_hidden_layers):
+      x_BxLxD = TransformerLayer(self.config, name=f'layer_{i}')(x_BxLxD, mask_bias.astype(x_BxLxD.dtype), train)
+    return x_BxLxD
+
+
+def _pool(config: BertConfig, hidden_BxLxD: jax.Array) -> jax.Array:
+  """tanh(dense(hidden state of the first token)), BERT's pooled output; its parameters are `pooler/...`
+  of the calling module."""
+  kernel, bias = LinearParams(config.hidden_size, config.hidden_size, config.initializer_range, name='pooler')()
+  return jnp.tanh(hidden_BxLxD[:, 0] @ kernel + bias)
+
+
+def _encode(config: BertConfig, input_ids, attention_mask, token_type_ids, train):
+  """Embeddings and encoder, as submodules of the calling compact module (so paths start at embeddings/...)."""
+  input_ids = jnp.asarray(input_ids)
+  attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+  token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids)
+  x = Embeddings(config, name='embeddings')(input_ids, token_type_ids, train)
+  return Encoder(config, name='encoder')(x, attention_mask, train), attention_mask
+
+
+class BertModel(nn.Module):
+  """The BERT encoder: `apply(variables, input_ids, attention_mask, token_type_ids)` -> `BertOutput`."""
+
+  config: BertConfig
+  add_pooler: bool = True
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, train: bool = False) -> BertOutput:
+    hidden, _ = _encode(self.config, input_ids, attention_mask, token_type_ids, train)
+    pooled = _pool(self.config, hidden) if self.add_pooler else None
+    return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def mean_pool(hidden_BxLxD: jax.Array, attention_mask_BxL: jax.Array) -> jax.Array:
+  """The average hidden state over the real (unmasked) tokens of each sequence."""
+  weights = attention_mask_BxL.astype(hidden_BxLxD.dtype)[..., None]
+  return jnp.sum(hidden_BxLxD * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+class BertClassifier(nn.Module):
+  """BERT encoder + pooling (`cls`: first token; `mean`: over real tokens; `pooler`: BERT's tanh pooler)
+  + dropout + a new linear `head`. Returns logits [batch, num_classes]."""
+
+  config: BertConfig
+  num_classes: int
+  pooling: str = 'mean'
+  head_dropout: float | None = None  # None: the encoder's hidden_dropout_prob.
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
+    if self.pooling not in POOLINGS:
+      raise UserError(f'unknown model.pooling {self.pooling!r}; use one of {POOLINGS}')
+    hidden, attention_mask = _encode(self.config, input_ids, attention_mask, token_type_ids, train)
+    if self.pooling == 'mean':
+      features = mean_pool(hidden, attention_mask)
+    elif self.pooling == 'cls':
+      features = hidden[:, 0]
+    else:
+      features = _pool(self.config, hidden)
+    dropout = self.config.hidden_dropout_prob if self.head_dropout is None else self.head_dropout
+    features = nn.Dropout(dropout, deterministic=not train)(features)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.config.initializer_range),
+                    name='head')(features)
