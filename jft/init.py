@@ -44,8 +44,9 @@ def load_params(source: str) -> tuple[PyTree, str]:
     return saved['params'], f'jft checkpoint {state_dir}'
   if model_files.is_registered(source) or os.path.isfile(os.path.join(source, 'config.json')):
     return pretrained.load(source).variables['params'], f'pretrained {source}'
-  raise UserError(f'config.init {source!r} is neither a registered pretrained model ({", ".join(model_files.REGISTERED)}),'
-                  ' nor a directory with config.json + model.safetensors, nor a jft work directory or checkpoint')
+  registered = ', '.join(model_files.REGISTERED)
+  raise UserError(f'config.init {source!r} is neither a registered pretrained model ({registered}), nor a '
+                  'directory with config.json + model.safetensors, nor a jft work directory or checkpoint')
 
 
 def merge_params(params: PyTree, loaded: PyTree, skip: Sequence[str], source: str = 'init') -> PyTree:

@@ -138,7 +138,7 @@ def make_minilm(out_dir: pathlib.Path) -> None:
     tok.no_truncation()
     tok.enable_padding(length=MINILM_LEN, pad_id=0, pad_type_id=0, pad_token="[PAD]")
     encs = [tok.encode(a, b) if b else tok.encode(a) for a, b in MINILM_TEXTS]
-    for enc, (a, _) in zip(encs, MINILM_TEXTS):
+    for enc, (a, _) in zip(encs, MINILM_TEXTS, strict=True):
         assert len(enc.ids) == MINILM_LEN, f"{a!r} does not fit in {MINILM_LEN} tokens"
     input_ids = np.array([e.ids for e in encs], np.int32)
     attention_mask = np.array([e.attention_mask for e in encs], np.int32)
