@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jft import data, models, optim, sharding
+from jft import init as init_lib
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn, split_variables
 from jft.checkpoint import Checkpoints
@@ -47,28 +48,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_count() > 1:
     # One host builds the tfds dataset (a shared data_dir); the others wait rather than race to write it.
     if jax.process_index() == 0:
-      data.data_source(config.data.name, config.data.train_split, config.data.data_dir)
+      data.data_source(config.data.name, config.data.train_split, config.data.data_dir, config.data.get('classes'))
     multihost_utils.sync_global_devices('jft: data prepared')
-  num_classes = data.num_classes(config.data.name, config.data.data_dir)
+  num_classes = data.num_classes(config.data.name, config.data.data_dir, classes=config.data.get('classes'))
   module = models.get_model(config.model, num_classes)
   apply_fn = linen_apply_fn(module)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   example = next(iter(data.eval_batches(config.data, config.data.test_split, config.batch_size, **process)))
   example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-
-  def init_state(rng):
-    params, model_state = split_variables(module.init(rng, **example_inputs, train=False))
-    return create_train_state(params, model_state, tx, train_rng)
+  init_variables = lambda rng: split_variables(module.init(rng, **example_inputs, train=False))
+  make_state = lambda params, model_state: create_train_state(params, model_state, tx, train_rng)
 
   replicated = sharding.replicated(mesh)
   abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                jax.eval_shape(init_state, init_rng))
+                                jax.eval_shape(lambda rng: make_state(*init_variables(rng)), init_rng))
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), **config.checkpoint)
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
   resume_step = checkpoints.latest_step()
   if resume_step is None:
-    state = jax.jit(init_state, out_shardings=replicated)(init_rng)
+    params, model_state = jax.jit(init_variables)(init_rng)
+    if config.init:
+      loaded, source = init_lib.load_params(config.init)
+      params = init_lib.merge_params(params, loaded, config.init_skip, source)
+      logging.info('initialised from %s, except %s', source, config.init_skip)
+    state = jax.jit(make_state, out_shardings=replicated)(params, model_state)
   else:
     state, data_state = checkpoints.restore(resume_step, abstract_state)
     train_batches.set_state(data_state)

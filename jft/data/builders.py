@@ -1,12 +1,14 @@
-"""tfds builders for the named image tasks (see TASKS.md), written as array_record without TensorFlow."""
+"""tfds builders of the named tasks (see TASKS.md), written as array_record without TensorFlow, and their sources."""
 
 import gzip
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jft.data import fortunes
 from jft.errors import UserError
 
 FASHION_CLASSES = (
@@ -109,6 +111,45 @@ class Digits(ImageBuilder):
     }
 
 
-BUILDERS: dict[str, type[ImageBuilder]] = {
-    builder.name: builder for builder in (Fashion, Digits)
+BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    builder.name: builder for builder in (Fashion, Digits, fortunes.Fortunes8, fortunes.Fortunes)
 }
+
+
+def builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
+  if name not in BUILDERS:
+    raise UserError(f'Unknown dataset {name!r} in data.name: use one of {", ".join(BUILDERS)}.')
+  return BUILDERS[name]
+
+
+def is_text(name: str) -> bool:
+  """Whether dataset `name` holds `text` examples (else `image` ones)."""
+  return issubclass(builder_class(name), fortunes.FortunesBuilder)
+
+
+def make_builder(name: str, data_dir: str | None, classes: Sequence[str] | None = None) -> tfds.core.DatasetBuilder:
+  """The builder of dataset `name`; `classes` chooses the categories of the dataset `fortunes`, and only of it."""
+  cls = builder_class(name)
+  if cls is fortunes.Fortunes:
+    return cls(config=fortunes.fortunes_config(classes), data_dir=data_dir, file_format='array_record')
+  if classes is not None:
+    raise UserError(f'data.classes is set, but the classes of dataset {name!r} are fixed: set data.classes to None, '
+                    'or use the dataset fortunes to choose categories.')
+  return cls(data_dir=data_dir, file_format='array_record')
+
+
+def data_source(name: str, split: str, data_dir: str | None = None,
+                classes: Sequence[str] | None = None) -> Sequence[dict[str, Any]]:
+  """The random-access tfds source of `split` (slices such as 'train[:5000]' work), built on first use."""
+  builder = make_builder(name, data_dir, classes)
+  builder.download_and_prepare()  # Does nothing once the data is there.
+  try:
+    return builder.as_data_source(split=split)
+  except ValueError as e:
+    raise UserError(f'Bad split {split!r} for dataset {name!r}: {e} Use one of '
+                    f'{", ".join(builder.info.splits)}, optionally sliced as in "train[5000:]".') from e
+
+
+def num_classes(name: str, data_dir: str | None = None, classes: Sequence[str] | None = None) -> int:
+  """The number of classes of dataset `name` (of `classes`, for the dataset fortunes)."""
+  return make_builder(name, data_dir, classes).info.features['label'].num_classes

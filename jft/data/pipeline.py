@@ -1,47 +1,22 @@
-"""Per-host numpy batches of the image datasets: tfds array_record sources read through grain."""
+"""Per-host numpy batches of every dataset from its tfds array_record source: images here, text in `text`."""
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import grain
 import ml_collections
 import numpy as np
 
-from jft.data import builders, image_ops
+from jft.data import builders, image_ops, text
 from jft.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
 
-def _builder_class(name: str) -> type[builders.ImageBuilder]:
-  if name not in builders.BUILDERS:
-    raise UserError(f'Unknown dataset {name!r} in data.name: use one of {", ".join(builders.BUILDERS)}.')
-  return builders.BUILDERS[name]
-
-
-def _builder(name: str, data_dir: str | None) -> builders.ImageBuilder:
-  return _builder_class(name)(data_dir=data_dir, file_format='array_record')
-
-
-def data_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
-  """The random-access tfds source of `split` (slices such as 'train[:5000]' work), built on first use."""
-  builder = _builder(name, data_dir)
-  builder.download_and_prepare()  # Does nothing once the data is there.
-  try:
-    return builder.as_data_source(split=split)
-  except ValueError as e:
-    raise UserError(f'Bad split {split!r} for dataset {name!r}: {e} Use one of '
-                    f'{", ".join(builder.info.splits)}, optionally sliced as in "train[5000:]".') from e
-
-
-def num_classes(name: str, data_dir: str | None = None) -> int:
-  """The number of classes of dataset `name`."""
-  return _builder(name, data_dir).info.features['label'].num_classes
-
-
 def default_image_config(name: str) -> ml_collections.ConfigDict:
   """The `data` config of an image dataset: validation is held out from the start of train."""
-  holdout = _builder_class(name).VALIDATION_SIZE
+  if builders.is_text(name):
+    raise UserError(f'{name!r} is a text dataset: use default_text_config({name!r}) for it.')
+  holdout = builders.BUILDERS[name].VALIDATION_SIZE
   return ml_collections.ConfigDict({
       'name': name,
       'data_dir': ml_collections.config_dict.placeholder(str),  # None: $TFDS_DATA_DIR or tfds's default.
@@ -64,7 +39,7 @@ def _per_host_batch_size(batch_size: int, process_count: int) -> int:
 
 def _batch_reader(data_config: ml_collections.ConfigDict, source) -> Callable[[np.ndarray], Batch]:
   """A function from example indices to a preprocessed batch: images scaled to [0, 1], resized."""
-  pixel_max = _builder_class(data_config.name).PIXEL_MAX
+  pixel_max = builders.BUILDERS[data_config.name].PIXEL_MAX
   size = data_config.image_size
   if size is not None and size <= 0:
     raise UserError(f'data.image_size is {size}: make it a positive number of pixels, or None.')
@@ -82,10 +57,13 @@ def _batch_reader(data_config: ml_collections.ConfigDict, source) -> Callable[[n
 
 def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator of this host's shuffled (and augmented) training batches."""
+  """An endless, checkpointable iterator of this host's shuffled (and augmented, or length-grouped) training batches."""
   per_host = _per_host_batch_size(batch_size, process_count)
+  if builders.is_text(data_config.name):
+    rows = slice(process_index * per_host, (process_index + 1) * per_host)
+    return text.train_iterator(data_config, batch_size, rows, seed)
   augment = image_ops.make_augment(data_config.augment, data_config.crop_padding, data_config.max_shift)
-  source = data_source(data_config.name, data_config.train_split, data_config.data_dir)
+  source = builders.data_source(data_config.name, data_config.train_split, data_config.data_dir)
   shard = grain.MapDataset.range(len(source))[process_index::process_count]
   if len(shard) < per_host:
     raise UserError(f'{data_config.train_split!r} gives this host {len(shard)} examples, fewer than '
@@ -107,9 +85,13 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, seed
 
 def eval_batches(data_config: ml_collections.ConfigDict, split: str, batch_size: int,
                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-  """One ordered pass over `split`; the last batch is zero-padded, and `mask` is False on padding."""
+  """One pass over `split` (images in order); the last batch is padded, and `mask` is False on padding."""
   per_host = _per_host_batch_size(batch_size, process_count)
-  source = data_source(data_config.name, split, data_config.data_dir)
+  if builders.is_text(data_config.name):
+    yield from text.eval_batches(data_config, split, batch_size,
+                                 slice(process_index * per_host, (process_index + 1) * per_host))
+    return
+  source = builders.data_source(data_config.name, split, data_config.data_dir)
   read = _batch_reader(data_config, source)
   size = len(source)
   # Global batch j holds examples [j * batch_size, (j + 1) * batch_size); each host reads its own

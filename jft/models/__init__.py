@@ -4,9 +4,21 @@ import flax.linen as nn
 import ml_collections
 
 from jft.errors import UserError
+from jft.models.bert import BertClassifier, BertConfig, BertModel, BertOutput
 from jft.models.cnn import ResidualBlock, ResNet, SmallCNN
 
-MODELS = {'cnn': SmallCNN, 'resnet': ResNet}
+
+def bert_classifier(num_classes: int, architecture: str | None = None, pooling: str = 'mean',
+                    head_dropout: float | None = None, overrides: dict | None = None) -> BertClassifier:
+  """A BERT classifier shaped like `architecture` (a pretrained name or Hugging Face directory) + `overrides`."""
+  if architecture is None:
+    raise UserError("config.model.architecture is not set: name the BERT whose config.json gives the shape, "
+                    "e.g. 'minilm' or a Hugging Face directory")
+  config = BertConfig.from_source(architecture, **(overrides or {}))
+  return BertClassifier(config, num_classes=num_classes, pooling=pooling, head_dropout=head_dropout)
+
+
+MODELS = {'cnn': SmallCNN, 'resnet': ResNet, 'bert': bert_classifier}
 
 
 def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -21,4 +33,5 @@ def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.M
     raise UserError(f'config.model does not fit model {name!r}: {e}') from None
 
 
-__all__ = ['MODELS', 'ResNet', 'ResidualBlock', 'SmallCNN', 'get_model']
+__all__ = ['MODELS', 'BertClassifier', 'BertConfig', 'BertModel', 'BertOutput', 'ResNet', 'ResidualBlock', 'SmallCNN',
+           'bert_classifier', 'get_model']

@@ -1,0 +1,161 @@
+"""Per-host numpy batches of the text datasets: tokenized once, grouped by length, padded to a few bucket lengths.
+
+A random batch of short texts pads to its one long text, so the train batches are grouped (DESIGN.md): each
+epoch shuffles the examples, sorts them by length within windows of `sort_window` batches, cuts batches
+and shuffles their order. An epoch's plan is a pure function of (seed, epoch): resuming needs only the position.
+"""
+
+import functools
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+import tokenizers
+
+from jft import model_files
+from jft.data import builders
+from jft.errors import UserError
+
+MAX_POSITIONS = 512  # The position embeddings of BERT-family encoders such as minilm.
+
+
+def default_text_config(name: str) -> ml_collections.ConfigDict:
+  """The `data` config of a text dataset: its own train, validation and test splits, minilm's tokenizer."""
+  if not builders.is_text(name):
+    raise UserError(f'{name!r} is an image dataset: use default_image_config({name!r}) for it.')
+  return ml_collections.ConfigDict({
+      'name': name,
+      'data_dir': ml_collections.config_dict.placeholder(str),  # None: $TFDS_DATA_DIR or tfds's default.
+      'train_split': 'train',
+      'validation_split': 'validation',
+      'test_split': 'test',
+      'tokenizer': 'minilm',  # A registered name, a directory holding tokenizer.json, or a tokenizer.json.
+      'max_len': 128,  # Tokens per text, [CLS] and [SEP] included; longer texts are cut.
+      'buckets': (32, 64, 128),  # The lengths a batch pads to: increasing, the last at least max_len.
+      'sort_window': 64,  # Batches whose examples are sorted by length together; 1 gives random batches.
+      'classes': ml_collections.config_dict.placeholder(tuple),  # Categories of the dataset fortunes only.
+  })
+
+
+def check_config(data_config: ml_collections.ConfigDict) -> None:
+  """Fails on lengths a text pipeline cannot batch: max_len, buckets, sort_window."""
+  max_len, buckets = data_config.max_len, tuple(data_config.buckets)
+  if not 0 < max_len <= MAX_POSITIONS:
+    raise UserError(f'data.max_len is {max_len}: the encoder has {MAX_POSITIONS} positions, so make it '
+                    f'1..{MAX_POSITIONS}.')
+  if not buckets or buckets[0] <= 0 or any(a >= b for a, b in itertools.pairwise(buckets)):
+    raise UserError(f'data.buckets {buckets} must be positive and strictly increasing, such as (32, 64, 128).')
+  if buckets[-1] < max_len:
+    raise UserError(f'data.max_len {max_len} is longer than the largest of data.buckets {buckets}: add a bucket '
+                    f'of {max_len} or more, or lower data.max_len.')
+  if data_config.sort_window < 1:
+    raise UserError(f'data.sort_window is {data_config.sort_window}: make it a number of batches, 1 or more '
+                    '(1: no length grouping).')
+
+
+def tokenizer_file(source: str) -> str:
+  """The tokenizer.json of `source`: a registered name, a directory holding one, or the file itself."""
+  if os.path.isfile(source):
+    return source
+  if model_files.is_registered(source) or os.path.isdir(source):
+    return model_files.pretrained_file(source, 'tokenizer.json')
+  raise UserError(f'data.tokenizer {source!r} is neither a registered name ({", ".join(model_files.REGISTERED)}), '
+                  'a directory holding tokenizer.json, nor a tokenizer.json file: give one of these.')
+
+
+def tokenize(texts: Sequence[str], tokenizer: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids [N, max_len] (right-padded) and lengths [N] of `texts`, cut to max_len by the tokenizer."""
+  path = tokenizer_file(tokenizer)
+  try:
+    encoder = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception on a file it cannot parse.
+    raise UserError(f'{path} is not a tokenizer.json that the tokenizers library reads ({e}): give another '
+                    'data.tokenizer.') from e
+  pad_id = encoder.padding['pad_id'] if encoder.padding else 0
+  # minilm's file pads every text to 128: pad each batch to its bucket instead. The tokenizer's own
+  # truncation cuts the text and keeps the special tokens ([CLS] ... [SEP]).
+  encoder.no_padding()
+  encoder.enable_truncation(max_len)
+  encodings = encoder.encode_batch(list(texts))
+  lengths_N = np.array([len(e.ids) for e in encodings], np.int32)
+  if lengths_N.max(initial=0) > max_len:
+    raise UserError(f'data.max_len {max_len} leaves no room for the tokenizer\'s special tokens: make it larger.')
+  ids_NxL = np.full((len(encodings), max_len), pad_id, np.int32)
+  for row, encoding in zip(ids_NxL, encodings, strict=True):
+    row[:len(encoding.ids)] = encoding.ids
+  return ids_NxL, lengths_N
+
+
+class _TokenizedSplit:
+  """A whole split, tokenized: ids [N, max_len], lengths [N], labels [N]."""
+
+  def __init__(self, data_config: ml_collections.ConfigDict, split: str):
+    check_config(data_config)
+    source = builders.data_source(data_config.name, split, data_config.data_dir, data_config.get('classes'))
+    examples = source.__getitems__(list(range(len(source))))
+    if not examples:
+      raise UserError(f'split {split!r} of dataset {data_config.name!r} has no examples: choose another split.')
+    texts = [e['text'].decode('utf-8') for e in examples]
+    self.ids_NxL, self.lengths_N = tokenize(texts, data_config.tokenizer, data_config.max_len)
+    self.labels_N = np.array([e['label'] for e in examples], np.int32)
+    self.buckets = tuple(data_config.buckets)
+
+  def batch(self, indices_B: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
+    """Rows `rows` of the global batch of examples `indices_B`, padded to the bucket of its longest example."""
+    # Chosen from the global batch, so that every host's part has the same shape.
+    length = self.buckets[np.searchsorted(self.buckets, self.lengths_N[indices_B].max())]
+    indices = indices_B[rows]
+    input_ids = self.ids_NxL[indices, :length]
+    attention_mask = (np.arange(length) < self.lengths_N[indices, None]).astype(np.int32)
+    return {'input_ids': input_ids, 'attention_mask': attention_mask,
+            'token_type_ids': np.zeros_like(input_ids),  # One segment per text.
+            'label': self.labels_N[indices]}
+
+
+def epoch_plan(lengths_N: np.ndarray, batch_size: int, sort_window: int, seed: int, epoch: int) -> np.ndarray:
+  """The example indices [batches, batch_size] of a training epoch, grouped by length; the remainder dropped."""
+  rng = np.random.default_rng((seed, epoch))
+  num_batches = len(lengths_N) // batch_size
+  # Dropping the remainder before sorting drops random examples rather than the longest of the last window.
+  order = rng.permutation(len(lengths_N))[:num_batches * batch_size]
+  window = sort_window * batch_size
+  for start in range(0, len(order), window):
+    chunk = order[start:start + window]
+    order[start:start + window] = chunk[np.argsort(lengths_N[chunk], kind='stable')]
+  return order.reshape(num_batches, batch_size)[rng.permutation(num_batches)]
+
+
+def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows: slice,
+                   seed: int) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of rows `rows` of the global training batches of `batch_size`."""
+  split = _TokenizedSplit(data_config, data_config.train_split)
+  num_batches = len(split.lengths_N) // batch_size
+  if num_batches == 0:
+    raise UserError(f'{data_config.train_split!r} has {len(split.lengths_N)} examples, fewer than one batch of '
+                    f'{batch_size}: use a larger train_split or a smaller batch_size.')
+  plan = functools.lru_cache(maxsize=2)(
+      functools.partial(epoch_plan, split.lengths_N, batch_size, data_config.sort_window, seed))
+
+  def read(step: int, batch_index: int) -> dict[str, np.ndarray]:
+    return split.batch(plan(step // num_batches)[batch_index], rows)
+
+  dataset = grain.MapDataset.range(num_batches).repeat().map_with_index(read)
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+
+def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_size: int,
+                 rows: slice) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over a split sorted by length; the last batch is padded by rereading, and `mask` is False there."""
+  split = _TokenizedSplit(data_config, split_name)
+  size = len(split.lengths_N)
+  # Sorted by length, a batch pads to the bucket of texts like its own; metrics need no order.
+  order = np.argsort(split.lengths_N, kind='stable')
+  for start in range(0, size, batch_size):
+    positions = np.arange(start, start + batch_size)
+    # Padding rows reread the longest text, which the last batch holds anyway: its pad length stays.
+    batch = split.batch(order[np.minimum(positions, size - 1)], rows)
+    mask = (positions < size)[rows]
+    yield {**batch, 'label': np.where(mask, batch['label'], 0), 'mask': mask}
