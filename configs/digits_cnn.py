@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       crop_padding=2,
       max_shift=2,
       image_size=28,
+      examples_per_class=config_dict.placeholder(int),  # None: all; e.g. 10 for a few-shot run
   )
   config.init = config_dict.placeholder(str)  # None: from scratch
   config.init_skip = ('head/.*',)

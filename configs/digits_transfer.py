@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       crop_padding=2,
       max_shift=2,
       image_size=28,
+      examples_per_class=config_dict.placeholder(int),  # None: all; e.g. 10 for a few-shot run
   )
   config.init = 'runs/fashion_cnn'
   config.init_skip = ('head/.*',)  # fashion's 10 classes are not digits: a new head

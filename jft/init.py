@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -33,15 +34,28 @@ def _jft_state_dir(source: str) -> str | None:
   return None
 
 
+def read_checkpoint_params(state_dir: str) -> PyTree:
+  """Only the `params` of a saved train state, as host numpy arrays (any device topology)."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    saved = checkpointer.metadata(state_dir).item_metadata.tree
+    if 'params' not in saved:
+      raise KeyError('params')
+    target = {'params': saved['params']}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    raise UserError(f'cannot read parameters from the jft checkpoint {state_dir} ({type(e).__name__}: {e}); '
+                    'give a complete checkpoint') from None
+  return restored['params']
+
+
 def load_params(source: str) -> tuple[PyTree, str]:
   """(the parameter tree of `source`, a description of where it came from)."""
   state_dir = _jft_state_dir(source) if os.path.isdir(source) else None
   if state_dir is not None:
-    try:
-      saved = ocp.PyTreeCheckpointer().restore(state_dir)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-      raise UserError(f'cannot read the jft checkpoint {state_dir} ({e}); give a complete checkpoint') from None
-    return saved['params'], f'jft checkpoint {state_dir}'
+    return read_checkpoint_params(state_dir), f'jft checkpoint {state_dir}'
   if model_files.is_registered(source) or os.path.isfile(os.path.join(source, 'config.json')):
     return pretrained.load(source).variables['params'], f'pretrained {source}'
   registered = ', '.join(model_files.REGISTERED)

@@ -229,3 +229,22 @@ def test_crop_and_shift_move_within_reach(name, reach):
   moved = augment(_dots(400), np.random.default_rng(0))
   assert moved.shape == (400, 9, 9, 1)
   assert _dot_moves(moved) == {(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)}
+
+
+def test_first_per_class_keeps_the_first_of_each_class_in_order():
+  labels = np.array([2, 0, 2, 1, 0, 2, 0])
+  np.testing.assert_array_equal(data.first_per_class(labels, 2), [0, 1, 2, 3, 4])
+
+
+def test_few_shot_training_reads_only_the_first_examples_of_each_class(data_dir):
+  config = _config(data_dir, 'digits', train_split='train', examples_per_class=3)
+  labels = np.concatenate([batch['label'] for batch in _take(data.train_iterator(config, 10, seed=0), 3)])
+  assert np.bincount(labels, minlength=10).tolist() == [3] * 10  # one epoch: 30 examples, each once
+  images = np.concatenate([batch['image'] for batch in _take(data.train_iterator(config, 10, seed=0), 3)])
+  digits = datasets.load_digits()
+  train_images = digits.images[np.arange(len(digits.images)) % 5 != 0] / 16.0
+  first_three = np.concatenate([train_images[digits.target[np.arange(1797) % 5 != 0] == d][:3] for d in range(10)])
+  assert {img.tobytes() for img in images[..., 0].astype(np.float32)} == \
+         {img.tobytes() for img in first_three.astype(np.float32)}
+  with pytest.raises(UserError, match='examples_per_class'):
+    data.train_iterator(_config(data_dir, 'digits', examples_per_class=0), 10, seed=0)

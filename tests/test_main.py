@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,3 +108,53 @@ def test_incompatible_checkpoint_is_a_user_error_and_damages_nothing(quick_run, 
   assert 'Traceback' not in result.stderr
   assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == steps_before
+
+
+def checkpoint_params(workdir, step):
+  out = subprocess.run([sys.executable, os.path.join(TOOLS, 'check_workdir.py'), workdir, str(step), '--dump',
+                        os.path.join(workdir, f'params_{step}.npz')], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with np.load(os.path.join(workdir, f'params_{step}.npz')) as params:
+    return {k.replace('|', '/'): params[k] for k in params.files}
+
+
+def test_digits_transfer_takes_the_fashion_run_except_the_head(quick_run, data_dir, tmp_path):
+  fashion, _ = quick_run
+  workdir = str(tmp_path / 'digits')
+  # With warmup the first update has learning rate 0, so the step-1 checkpoint holds the initial parameters.
+  result = run_main('--config=configs/digits_transfer.py:quick', f'--workdir={workdir}', f'--config.init={fashion}',
+                    '--config.total_steps=1', '--config.checkpoint_every=1', data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  initial, source = checkpoint_params(workdir, 1), checkpoint_params(fashion, 40)
+  for path in ('conv_0/kernel', 'conv_1/bias', 'hidden/kernel'):
+    np.testing.assert_array_equal(initial[path], source[path])
+  assert not np.array_equal(initial['head/kernel'], source['head/kernel'])  # a new head
+
+
+def test_checkpoint_that_does_not_fit_the_model_exits_2_listing_names_and_shapes(quick_run, data_dir, tmp_path):
+  fashion, _ = quick_run
+  result = run_main('--config=configs/digits_transfer.py:quick', f'--workdir={tmp_path / "w"}',
+                    f'--config.init={fashion}', '--config.model.hidden=64', data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'hidden/kernel: model (3136, 64)' in result.stderr and '(3136, 256)' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_minilm_fine_tunes_on_fortunes8(data_dir, tmp_path):
+  workdir = str(tmp_path / 'minilm')
+  result = run_main('--config=configs/minilm_fortunes.py:quick', f'--workdir={workdir}', data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (test,) = [line for line in read_metrics(workdir) if line['split'] == 'test']
+  assert test['count'] == 64 and len(test['confusion_matrix']) == 8
+  train = [line['loss'] for line in read_metrics(workdir) if line['split'] == 'train']
+  assert train[-1] < train[0]
+
+
+def test_weights_that_do_not_fit_the_architecture_exit_2(data_dir, tmp_path):
+  result = run_main('--config=configs/minilm_fortunes.py:quick', f'--workdir={tmp_path / "w"}',
+                    '--config.init=tests/fixtures/bert_small', data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'encoder/layer_0/attention/query/kernel: model (384, 384), pretrained tests/fixtures/bert_small (48, 48)' \
+      in result.stderr
+  assert 'missing   encoder/layer_5/mlp/output/bias (384,)' in result.stderr
+  assert 'Traceback' not in result.stderr

@@ -27,6 +27,7 @@ def default_image_config(name: str) -> ml_collections.ConfigDict:
       'crop_padding': 4,
       'max_shift': 2,
       'image_size': ml_collections.config_dict.placeholder(int),  # None keeps the stored size.
+      'examples_per_class': ml_collections.config_dict.placeholder(int),  # None: every training example.
   })
 
 
@@ -55,6 +56,25 @@ def _batch_reader(data_config: ml_collections.ConfigDict, source) -> Callable[[n
   return read
 
 
+def first_per_class(labels: np.ndarray, count: int) -> np.ndarray:
+  """The indices of the first `count` examples of each class, in their original order."""
+  rank_in_class = np.zeros(len(labels), np.int64)
+  for label in np.unique(labels):
+    where = labels == label
+    rank_in_class[where] = np.arange(where.sum())
+  return np.flatnonzero(rank_in_class < count)
+
+
+def _train_indices(source, examples_per_class: int | None) -> np.ndarray:
+  """Every index of `source`, or only the first `examples_per_class` of each class (a few-shot subset)."""
+  if examples_per_class is None:
+    return np.arange(len(source))
+  if examples_per_class <= 0:
+    raise UserError(f'data.examples_per_class is {examples_per_class}: make it a positive number, or None for all.')
+  labels = np.array([e['label'] for e in source.__getitems__(list(range(len(source))))])
+  return first_per_class(labels, examples_per_class)
+
+
 def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of this host's shuffled (and augmented, or length-grouped) training batches."""
@@ -64,7 +84,8 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, seed
     return text.train_iterator(data_config, batch_size, rows, seed)
   augment = image_ops.make_augment(data_config.augment, data_config.crop_padding, data_config.max_shift)
   source = builders.data_source(data_config.name, data_config.train_split, data_config.data_dir)
-  shard = grain.MapDataset.range(len(source))[process_index::process_count]
+  shard = grain.MapDataset.source(_train_indices(source, data_config.get('examples_per_class')))
+  shard = shard[process_index::process_count]
   if len(shard) < per_host:
     raise UserError(f'{data_config.train_split!r} gives this host {len(shard)} examples, fewer than '
                     f'one batch of {per_host}: use a larger train_split or a smaller batch_size.')
