@@ -9,6 +9,6 @@ from jft.data.text import default_text_config, epoch_plan, tokenize
 __all__ = [
     'BUILDERS', 'FORTUNES8_CLASSES', 'Batch', 'Digits', 'Fashion', 'Fortunes', 'Fortunes8', 'FortunesBuilder',
     'ImageBuilder', 'data_source', 'default_image_config', 'default_text_config', 'epoch_plan', 'eval_batches',
-    'first_per_class', 'fortunes_config', 'is_text', 'make_augment', 'num_classes', 'random_crop', 'random_flip', 'random_shift',
-    'resize_bilinear', 'split_of', 'tokenize', 'train_iterator', 'translate',
+    'first_per_class', 'fortunes_config', 'is_text', 'make_augment', 'num_classes', 'random_crop', 'random_flip',
+    'random_shift', 'resize_bilinear', 'split_of', 'tokenize', 'train_iterator', 'translate',
 ]
