@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from jft import data, models, optim, sharding
 from jft import init as init_lib
+from jft import stages as stages_lib
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn, split_variables
 from jft.checkpoint import Checkpoints
@@ -53,19 +54,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_classes = data.num_classes(config.data.name, config.data.data_dir, classes=config.data.get('classes'))
   module = models.get_model(config.model, num_classes)
   apply_fn = linen_apply_fn(module)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
   example = next(iter(data.eval_batches(config.data, config.data.test_split, config.batch_size, **process)))
   example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   init_variables = lambda rng: split_variables(module.init(rng, **example_inputs, train=False))
-  make_state = lambda params, model_state: create_train_state(params, model_state, tx, train_rng)
+  # Every rule (freeze, lr_mults, decay, stages) is resolved here, before anything is written.
+  stages = stages_lib.plan(config, jax.eval_shape(init_variables, init_rng)[0])
 
   replicated = sharding.replicated(mesh)
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                jax.eval_shape(lambda rng: make_state(*init_variables(rng)), init_rng))
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), **config.checkpoint)
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
   resume_step = checkpoints.latest_step()
+  stage = stages_lib.stage_of_step(stages, resume_step or 0)
+  tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels)
+  make_state = lambda params, model_state: create_train_state(params, model_state, tx, train_rng)
   if resume_step is None:
     params, model_state = jax.jit(init_variables)(init_rng)
     if config.init:
@@ -74,16 +76,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('initialised from %s, except %s', source, config.init_skip)
     state = jax.jit(make_state, out_shardings=replicated)(params, model_state)
   else:
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                  jax.eval_shape(lambda rng: make_state(*init_variables(rng)), init_rng))
     state, data_state = checkpoints.restore(resume_step, abstract_state)
     train_batches.set_state(data_state)
-    logging.info('resumed from step %d', resume_step)
+    logging.info('resumed from step %d (stage %d)', resume_step, stage.index)
 
   config_json = json.loads(config.to_json())
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config_json, f, indent=2)
   writer = MetricWriter(workdir, resume_step, enabled=jax.process_index() == 0)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx), mesh)
+  compile_train_step = lambda stage, tx: step_lib.jit_train_step(
+      step_lib.make_train_step(apply_fn, tx, stage.labels.trainable), mesh)
+  train_step = compile_train_step(stage, tx)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(apply_fn, num_classes), mesh)
 
   def evaluate(split):
@@ -95,6 +101,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = tqdm.tqdm(range(first_step, config.total_steps + 1), initial=first_step - 1, total=config.total_steps,
                   unit='step', mininterval=1.0, disable=jax.process_index() != 0)
   for step in bar:
+    if step > stage.last_step:  # the next stage: its rules, its schedule; moments kept where training goes on
+      stage = stages[stage.index + 1]
+      tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels)
+      carry = lambda state, tx=tx: state.replace(opt_state=optim.carry_over(state.opt_state, tx.init(state.params)))
+      state = jax.jit(carry, out_shardings=replicated, donate_argnums=0)(state)
+      train_step = compile_train_step(stage, tx)
+      logging.info('stage %d from step %d', stage.index, step)
     state, metrics = train_step(state, sharding.put_batch(next(train_batches), mesh))
     pending.append(metrics)
     last = step == config.total_steps

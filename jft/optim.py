@@ -1,15 +1,20 @@
 """The optimizer: one optax transformation built from `config.optim`."""
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jft import rules, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
 SCHEDULES = ('cosine', 'linear', 'constant')
+FIRST_GROUP = 'stage_0'  # the optimizer group of parameters that train from the first stage on
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -29,26 +34,90 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
 
 
-def decay_mask(params: PyTree) -> PyTree:
-  """Weight decay on matrices and kernels (ndim >= 2); not on biases or normalisation scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def lookup_by_path(table: dict[str, Any]) -> Callable[[PyTree], PyTree]:
+  """A function from any view of the parameters (holes allowed) to the tree of their `table` values."""
+  return lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: table[tree_paths.path_str(path)], tree)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """Clipping (optional), then AdamW or SGD with momentum on the schedule, with masked weight decay."""
+def scale_by_mults(mults: Callable[[PyTree], PyTree]) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its own constant (per-parameter learning-rate multipliers)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m, updates, mults(updates)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def freeze(inner: optax.GradientTransformation, trainable: PyTree) -> optax.GradientTransformation:
+  """Frozen parameters (`trainable` False) get zero updates and no state; `inner` sees only the trainable ones.
+
+  The same as `optax.partition({'train': inner, 'frozen': optax.set_to_zero()}, labels)`, with the trainable
+  view written as a tree with None holes, the form the train step differentiates.
+  """
+
+  def init(params):
+    return inner.init(rules.split_trainable(params, trainable)[0])
+
+  def update(updates, state, params=None):
+    updates_view, frozen = rules.split_trainable(updates, trainable)
+    params_view = None if params is None else rules.split_trainable(params, trainable)[0]
+    updates_view, state = inner.update(updates_view, state, params_view)
+    return rules.merge_trainable(updates_view, jax.tree.map(jnp.zeros_like, frozen)), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   labels: rules.ParamLabels | None = None) -> optax.GradientTransformation:
+  """freeze(accumulate(clip -> per-group AdamW or SGD with momentum -> schedule -> lr multipliers)).
+
+  Weight decay applies where `labels.decay`; each group of `labels.group` (the stage since which its
+  parameters train) has its own moments and step count. Without `labels` every parameter trains, in one
+  group, at the base rate, and kernels and embeddings decay.
+  """
   if optim.lr <= 0:
     raise UserError(f'config.optim.lr must be positive, got {optim.lr}')
   schedule = make_schedule(optim, total_steps)
+  if labels is None:
+    decay = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: any(re.fullmatch(p, tree_paths.path_str(path)) for p in rules.DEFAULT_DECAY), params)
+    groups, group_of, mults = [FIRST_GROUP], lambda params: jax.tree.map(lambda _: FIRST_GROUP, params), None
+  else:
+    flat = {name: tree_paths.flatten(getattr(labels, name)) for name in ('decay', 'group', 'lr_mult')}
+    decay, group_of = lookup_by_path(flat['decay']), lookup_by_path(flat['group'])
+    trainable = tree_paths.flatten(labels.trainable)
+    groups = sorted({group for path, group in flat['group'].items() if trainable[path]})
+    mults = lookup_by_path(flat['lr_mult']) if any(m != 1.0 for m in flat['lr_mult'].values()) else None
   if optim.name == 'adamw':
-    tx = optax.adamw(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
-                     weight_decay=optim.weight_decay, mask=decay_mask)
+    core = [optax.scale_by_adam(b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999)),
+            optax.add_decayed_weights(optim.weight_decay, mask=decay)]
   elif optim.name == 'sgd':
-    tx = optax.chain(optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-                     optax.sgd(schedule, momentum=optim.get('momentum', 0.9), nesterov=True))
+    core = [optax.add_decayed_weights(optim.weight_decay, mask=decay),
+            optax.trace(decay=optim.get('momentum', 0.9), nesterov=True)]
   else:
     raise UserError(f"unknown config.optim.name {optim.name!r}; use 'adamw' or 'sgd'")
-  if optim.get('clip_norm'):
-    tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
+  parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.get('clip_norm') else []
+  parts += [optax.partition({group: optax.chain(*core) for group in groups}, group_of),
+            optax.scale_by_learning_rate(schedule)]
+  if mults is not None:
+    parts.append(scale_by_mults(mults))
+  tx = optax.chain(*parts)
   if optim.get('accumulate_steps', 1) > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps)
+    tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps).gradient_transformation()
+  if labels is not None:
+    tx = freeze(tx, labels.trainable)
   return tx
+
+
+def carry_over(old_opt_state: optax.OptState, new_opt_state: optax.OptState) -> optax.OptState:
+  """`new_opt_state` (of the next stage's optimizer) with the moments and counts of every group that both
+  stages share copied from `old_opt_state`; new groups start fresh, and so does the stage's schedule."""
+  old = {tree_paths.path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(old_opt_state)[0]}
+
+  def carry(path, leaf):
+    name = tree_paths.path_str(path)
+    kept = '/inner_states/' in f'/{name}/' and name in old and old[name].shape == leaf.shape
+    return old[name] if kept else leaf
+
+  return jax.tree_util.tree_map_with_path(carry, new_opt_state)

@@ -9,7 +9,7 @@ import optax
 from jax.sharding import Mesh
 
 from jft import metrics as metrics_lib
-from jft import sharding
+from jft import rules, sharding
 from jft.apply_fn import ApplyFn
 from jft.state import TrainState
 
@@ -23,26 +23,36 @@ def model_inputs(batch: Batch) -> Batch:
   return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
 
 
-def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainable: Any = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """`train_step(state, batch) -> (state, metrics)`: softmax cross-entropy, one optimizer update."""
+  """`train_step(state, batch) -> (state, metrics)`: softmax cross-entropy, one optimizer update.
+
+  `trainable` (a tree of bools shaped like the params; None: all) says which parameters are differentiated:
+  the backward pass stops at the lowest trainable parameter, and frozen ones are carried over untouched.
+  """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(state.rng, state.step)
+    mask = jax.tree.map(lambda _: True, state.params) if trainable is None else trainable
+    trainable_params, frozen_params = rules.split_trainable(state.params, mask)
 
-    def loss_fn(params):
+    def loss_fn(trainable_params):
+      params = rules.merge_trainable(trainable_params, frozen_params)
       logits, model_state = apply_fn(params, state.model_state, model_inputs(batch), True, rng)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
       return jnp.mean(loss), (logits, model_state)
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, model_state)), trainable_grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    # Frozen parameters get zero gradients, which the optimizer's freezing discards (XLA removes them).
+    grads = rules.merge_trainable(trainable_grads, jax.tree.map(jnp.zeros_like, frozen_params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable_params = optax.apply_updates(trainable_params, rules.split_trainable(updates, mask)[0])
+    params = rules.merge_trainable(trainable_params, frozen_params)  # frozen: the very same arrays
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     return new_state, {
         'loss': loss,
         'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': optax.tree.norm(trainable_grads),
     }
 
   return train_step
