@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sort_window=64,
       classes=config_dict.placeholder(tuple),
   )
-  config.init = None if 'scratch' in variants else 'minilm'
+  config.init = config_dict.placeholder(str) if 'scratch' in variants else 'minilm'
   config.init_skip = ('head/.*',)
   config.model = dict(name='bert', architecture='minilm', pooling='mean', head_dropout=0.1, overrides={})
   config.optim = dict(name='adamw', lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=2 if quick else 70,

@@ -79,7 +79,7 @@ def main():
   fortunes = {
       'MiniLM (pretrained), fine-tuned': run_jft(f'minilm_fortunes{suffix}', f'configs/minilm_fortunes.py{variant}'),
       'same BERT from random init': run_jft(
-          f'minilm_fortunes_scratch{suffix}', f'configs/minilm_fortunes.py{variant or ":scratch"}', '--config.init='),
+          f'minilm_fortunes_scratch{suffix}', 'configs/minilm_fortunes.py:scratch' + (',quick' if args.quick else '')),
       'TF-IDF + logistic regression': tfidf_baseline(),
   }
 
