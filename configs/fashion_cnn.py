@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.init = config_dict.placeholder(str)  # None: from scratch
   config.init_skip = ('head/.*',)
+  config.freeze = ()  # regexes of parameter paths that never change
+  config.lr_mults = ()  # (regex, multiplier) pairs
+  config.stages = ()  # see jft/stages.py
   config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0)
   config.optim = dict(name='adamw', lr=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=100,
                       schedule='cosine', clip_norm=config_dict.placeholder(float), accumulate_steps=1)

@@ -17,11 +17,11 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jft import data, models, optim, sharding
+from jft import components, data, optim, sharding
 from jft import init as init_lib
 from jft import stages as stages_lib
 from jft import step as step_lib
-from jft.apply_fn import linen_apply_fn, split_variables
+from jft.apply_fn import linen_apply_fn
 from jft.checkpoint import Checkpoints
 from jft.errors import UserError
 from jft.metric_writer import MetricWriter
@@ -51,13 +51,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
       data.data_source(config.data.name, config.data.train_split, config.data.data_dir, config.data.get('classes'))
     multihost_utils.sync_global_devices('jft: data prepared')
-  num_classes = data.num_classes(config.data.name, config.data.data_dir, classes=config.data.get('classes'))
-  module = models.get_model(config.model, num_classes)
-  apply_fn = linen_apply_fn(module)
-  example = next(iter(data.eval_batches(config.data, config.data.test_split, config.batch_size, **process)))
-  example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
+  model = components.build_model(config, **process)
+  num_classes, init_variables = model.num_classes, model.init_variables
+  apply_fn = linen_apply_fn(model.module)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  init_variables = lambda rng: split_variables(module.init(rng, **example_inputs, train=False))
   # Every rule (freeze, lr_mults, decay, stages) is resolved here, before anything is written.
   stages = stages_lib.plan(config, jax.eval_shape(init_variables, init_rng)[0])
 

@@ -158,3 +158,36 @@ def test_weights_that_do_not_fit_the_architecture_exit_2(data_dir, tmp_path):
       in result.stderr
   assert 'missing   encoder/layer_5/mlp/output/bias (384,)' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_inspect_prints_each_parameter_and_the_totals(data_dir):
+  command = [sys.executable, '-m', 'jft.inspect', '--config=configs/digits_cnn.py:quick',
+             "--config.freeze=('conv_.*',)", f'--config.data.data_dir={data_dir}']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if '/' in line.split(' ')[0]}
+  assert rows['conv_1/kernel'][-3:] == ['frozen', '-', '-']
+  assert rows['hidden/kernel'][-3:] == ['train', '1', 'yes'] and rows['hidden/bias'][-1] == 'no'
+  # conv_0: 3*3*1*32 + 32, conv_1: 3*3*32*64 + 64; hidden: 3136*256 + 256, head: 256*10 + 10
+  assert 'trainable 805,642 (97.7%), frozen 18,816' in result.stdout
+  opt_bytes = int(result.stdout.split('optimizer state ')[1].split(' bytes')[0].replace(',', ''))
+  assert 2 * 4 * 805_642 <= opt_bytes < 2 * 4 * 805_642 + 64  # AdamW's two moments, only for trainable ones
+
+
+def test_freeze_pattern_matching_nothing_exits_2_with_the_closest_paths(data_dir, tmp_path):
+  result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path / "w"}',
+                    "--config.freeze=('conv_9/.*',)", data_dir=data_dir)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert "'conv_9/.*' matches no parameter" in result.stderr and 'conv_0/' in result.stderr
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')  # nothing written
+
+
+def test_staged_run_killed_at_the_stage_boundary_resumes_bit_identical(tmp_path, data_dir):
+  # :staged,quick probes the head for 3 steps, then trains everything; the first checkpoint is the boundary.
+  out = subprocess.run(
+      [sys.executable, os.path.join(TOOLS, 'kill_resume.py'), sys.executable, 'configs/minilm_fortunes.py:staged,quick',
+       str(tmp_path), f'--config.data.data_dir={data_dir}', '--config.checkpoint_every=3'],
+      capture_output=True, text=True, timeout=900, cwd=ROOT)
+  verdict = json.loads(out.stdout.strip().splitlines()[-1])
+  assert verdict['identical'], verdict
+  assert verdict['killed_after_step'] == 3

@@ -1,0 +1,79 @@
+"""What the rules of a config do to each parameter: `python -m jft.inspect --config=configs/NAME.py[:ARG]`.
+
+Prints every parameter path with its shape and size and, for each stage, whether it trains, its learning-rate
+multiplier and whether it decays; then the totals: trainable and frozen parameters and the bytes of optimizer
+state. Nothing is trained or written; a bad rule fails here exactly as it would in `jft.main`.
+"""
+
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from jft import components, optim, tree_paths
+from jft import stages as stages_lib
+from jft.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """The report: one table of parameters (a column group per stage), then totals per stage."""
+  model = components.build_model(config)
+  params = jax.eval_shape(model.init_variables, jax.random.PRNGKey(0))[0]
+  stages = stages_lib.plan(config, params)
+  shapes = tree_paths.flatten(params)
+  width = max(len(path) for path in shapes)
+  header = f'{"path":<{width}}  {"shape":<16} {"size":>10}'
+  for stage in stages:
+    header += f' | {"stage " + str(stage.index):<8} {"lr x":>7} {"decay":<5}'
+  lines = [', '.join(f'stage {s.index}: steps {s.first_step}-{s.last_step}' for s in stages), header, '-' * len(header)]
+  flat = [{name: tree_paths.flatten(getattr(stage.labels, name)) for name in ('trainable', 'lr_mult', 'decay')}
+          for stage in stages]
+  for path, leaf in shapes.items():
+    line = f'{path:<{width}}  {str(tuple(leaf.shape)):<16} {int(np.prod(leaf.shape)):>10,}'
+    for labels in flat:
+      trainable = labels['trainable'][path]
+      rule = 'train' if trainable else 'frozen'
+      mult = f'{labels["lr_mult"][path]:.4g}' if trainable else '-'
+      decay = ('yes' if labels['decay'][path] else 'no') if trainable else '-'
+      line += f' | {rule:<8} {mult:>7} {decay:<5}'
+    lines.append(line)
+  total = sum(int(np.prod(leaf.shape)) for leaf in shapes.values())
+  lines.append('')
+  for stage, labels in zip(stages, flat, strict=True):
+    trainable = sum(int(np.prod(shapes[p].shape)) for p, t in labels['trainable'].items() if t)
+    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels)
+    opt_bytes = tree_bytes(jax.eval_shape(tx.init, params))
+    lines.append(f'stage {stage.index} (steps {stage.first_step}-{stage.last_step}): trainable {trainable:,} '
+                 f'({trainable / total:.1%}), frozen {total - trainable:,}, optimizer state {opt_bytes:,} bytes '
+                 f'({opt_bytes / 2**20:.1f} MiB); parameters {total:,} ({tree_bytes(params) / 2**20:.1f} MiB)')
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  try:
+    flags.FLAGS(sys.argv)
+  except (flags.Error, ValueError, OSError, AttributeError, KeyError, TypeError) as e:
+    print(f'jft: error: {e}\nusage: python -m jft.inspect --config=configs/NAME.py[:ARG] [--config.FIELD=VALUE]',
+          file=sys.stderr)
+    sys.exit(2)
+  if _CONFIG.value is None:
+    print('jft: error: --config=configs/NAME.py[:ARG] is required', file=sys.stderr)
+    sys.exit(2)
+  try:
+    print(describe(_CONFIG.value))
+  except UserError as e:
+    print(f'jft: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  main()
