@@ -13,20 +13,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from absl import app, flags
+from minilm_setup import NUM_CLASSES, MiniLMSetup
 
-from jft import optim, pretrained, sharding
-from jft import step as step_lib
-from jft.apply_fn import linen_apply_fn, split_variables
-from jft.models import BertClassifier, BertConfig
-from jft.state import create_train_state
+from jft.models import BertConfig
 
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'examples per step')
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps after the warm-up')
-_CLASSES = 8
 
 
 def forward_flops(config: BertConfig, batch: int, length: int, num_classes: int) -> float:
@@ -54,26 +48,9 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
 
 def main(_):
   batch_size, length = _BATCH.value, _LENGTH.value
-  model = pretrained.load('minilm')
-  module = BertClassifier(model.config, num_classes=_CLASSES, pooling='mean')
-  rng = np.random.default_rng(0)
-  batch = {
-      'input_ids': rng.integers(1000, model.config.vocab_size, (batch_size, length)).astype(np.int32),
-      'attention_mask': np.ones((batch_size, length), np.int32),
-      'token_type_ids': np.zeros((batch_size, length), np.int32),
-      'label': rng.integers(0, _CLASSES, batch_size).astype(np.int32),
-  }
-  inputs = step_lib.model_inputs(batch)
-  params, model_state = split_variables(module.init(jax.random.PRNGKey(0), **{k: v[:1] for k, v in inputs.items()}))
-  params = {**params, **model.variables['params']}
-  params.pop('pooler', None)  # mean pooling: BERT's pooler is not part of the classifier
-
-  optim_config = dict(name='adamw', lr=1e-4, weight_decay=0.01, warmup_steps=10, schedule='linear', clip_norm=1.0)
-  tx = optim.make_optimizer(ml_collections.ConfigDict(optim_config), total_steps=1000)
-  mesh = sharding.make_mesh()
-  state = sharding.put_replicated(create_train_state(params, model_state, tx, jax.random.PRNGKey(1)), mesh)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(linen_apply_fn(module), tx), mesh)
-  device_batch = sharding.put_batch(batch, mesh)
+  setup = MiniLMSetup(batch_size, length)
+  state, train_step = setup.state_and_step()
+  device_batch = setup.device_batch
 
   start = time.perf_counter()
   compiled = train_step.lower(state, device_batch).compile()
@@ -90,7 +67,7 @@ def main(_):
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   peak = matmul_peak_flops()
-  step_flops = 3 * forward_flops(model.config, batch_size, length, _CLASSES)
+  step_flops = 3 * forward_flops(setup.config, batch_size, length, NUM_CLASSES)
   result = {
       'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
       'batch_size': batch_size, 'length': length,

@@ -8,10 +8,7 @@ under experiments/runs/ (a finished run is reused, a killed one resumes); the nu
 """
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 
 import matplotlib
 import numpy as np
@@ -21,28 +18,11 @@ from sklearn.metrics import accuracy_score, f1_score
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS, RUNS, run_jft  # noqa: E402
 
 from jft import data  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = os.path.join(ROOT, 'experiments', 'runs')
-RESULTS = os.path.join(ROOT, 'experiments', 'results')
 SHOTS = (10, 50, None)  # training examples per class; None: all 1,300
-
-
-def run_jft(name: str, config: str, *overrides: str) -> dict:
-  """The final test metrics of `python -m jft.main` in experiments/runs/NAME (run unless already finished)."""
-  workdir = os.path.join(RUNS, name)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      tests = [json.loads(line) for line in f if '"split": "test"' in line]
-    if tests:
-      return tests[-1]
-  command = [sys.executable, '-m', 'jft.main', f'--config={config}', f'--workdir={workdir}', *overrides]
-  print('$', ' '.join(command), flush=True)
-  subprocess.run(command, cwd=ROOT, check=True)
-  return run_jft(name, config, *overrides)
 
 
 def texts_and_labels(split: str) -> tuple[list[str], np.ndarray]:

@@ -120,6 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(step, 'validation', validation)
     if step % config.checkpoint_every == 0 or last:
       checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation)
+    if not pending:  # steps_per_sec counts training alone, not the evaluations and saves between windows
+      window_start = time.perf_counter()
   bar.close()
   checkpoints.wait()
 
