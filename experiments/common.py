@@ -1,5 +1,6 @@
 """Shared by the experiment scripts: run the command line in experiments/runs/NAME, read its results."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,3 +30,12 @@ def run_jft(name: str, config: str, *overrides: str) -> dict:
   print('$', ' '.join(command), flush=True)
   subprocess.run(command, cwd=ROOT, check=True)
   return run_jft(name, config, *overrides)
+
+
+def load_config(spec: str):
+  """The config of `configs/NAME.py[:ARG]`, as `--config=` would load it."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('config', os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
