@@ -56,6 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.freeze = ()
   config.lr_mults = ()
   config.stages = ()
+  # Magnitude pruning (jft/pruning.py); sparsity 0 is off.
+  config.prune = dict(sparsity=0.0, schedule='gradual', start_step=1, end_step=config.get_ref('total_steps'),
+                      every=10, cycles=1, scope='layer', structure='unstructured',
+                      include=config_dict.placeholder(tuple), exclude=config_dict.placeholder(tuple))
   if 'probe' in variants:
     config.freeze = (ALL_BUT_HEAD,)
     config.optim.lr = 2e-3  # a linear head on fixed features learns fast

@@ -17,7 +17,7 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jft import components, data, optim, sharding
+from jft import components, data, optim, pruning, sharding
 from jft import init as init_lib
 from jft import stages as stages_lib
 from jft import step as step_lib
@@ -55,15 +55,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_classes, init_variables = model.num_classes, model.init_variables
   apply_fn = linen_apply_fn(model.module)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  # Every rule (freeze, lr_mults, decay, stages) is resolved here, before anything is written.
-  stages = stages_lib.plan(config, jax.eval_shape(init_variables, init_rng)[0])
+  # Every rule (freeze, lr_mults, decay, stages, pruning) is resolved here, before anything is written.
+  abstract_params = jax.eval_shape(init_variables, init_rng)[0]
+  stages = stages_lib.plan(config, abstract_params)
+  prune = config.get('prune')
+  prunable, prune_schedule = None, {}
+  if prune and prune.sparsity > 0:
+    prune_schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=prune.end_step,
+                          every=prune.every, cycles=prune.get('cycles', 1))
+    pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **prune_schedule)
+    prunable = pruning.prunable(abstract_params, prune.get('include'), prune.get('exclude'))
 
   replicated = sharding.replicated(mesh)
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), **config.checkpoint)
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
   resume_step = checkpoints.latest_step()
   stage = stages_lib.stage_of_step(stages, resume_step or 0)
-  tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels)
+  tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, prunable)
   make_state = lambda params, model_state: create_train_state(params, model_state, tx, train_rng)
   if resume_step is None:
     params, model_state = jax.jit(init_variables)(init_rng)
@@ -89,6 +97,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = compile_train_step(stage, tx)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(apply_fn, num_classes), mesh)
 
+  set_masks = jax.jit(lambda state, masks: state.replace(
+      params=pruning.apply_masks(state.params, masks), opt_state=pruning.with_new_masks(state.opt_state, masks)),
+      out_shardings=replicated, donate_argnums=0)
+
+  def sparsity():
+    return pruning.sparsity_report(state.params, pruning.masks_of(state.opt_state)) if prunable is not None else {}
+
   def evaluate(split):
     batches = data.eval_batches(config.data, split, config.batch_size, **process)
     return step_lib.evaluate(eval_step, state, batches, mesh)
@@ -100,17 +115,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for step in bar:
     if step > stage.last_step:  # the next stage: its rules, its schedule; moments kept where training goes on
       stage = stages[stage.index + 1]
-      tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels)
+      tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, prunable)
       carry = lambda state, tx=tx: state.replace(opt_state=optim.carry_over(state.opt_state, tx.init(state.params)))
       state = jax.jit(carry, out_shardings=replicated, donate_argnums=0)(state)
       train_step = compile_train_step(stage, tx)
       logging.info('stage %d from step %d', stage.index, step)
+    if prunable is not None and pruning.is_update_step(step, **prune_schedule):  # masks change only on schedule
+      target = pruning.sparsity_at(step, prune.sparsity, **prune_schedule)
+      state = set_masks(state, pruning.compute_masks(state.params, prunable, target, prune.scope, prune.structure))
     state, metrics = train_step(state, sharding.put_batch(next(train_batches), mesh))
     pending.append(metrics)
     last = step == config.total_steps
     if step % config.log_every == 0 or last:
       means = {k: float(v) for k, v in jax.tree.map(lambda *x: np.mean(x), *jax.device_get(pending)).items()}
       means['steps_per_sec'] = len(pending) / (time.perf_counter() - window_start)
+      means.update(sparsity())
       writer.write(step, 'train', means)
       bar.set_postfix(loss=f"{means['loss']:.4f}")
       pending, window_start = [], time.perf_counter()
@@ -125,7 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar.close()
   checkpoints.wait()
 
-  test = evaluate(config.data.test_split)
+  overall = {k: v for k, v in sparsity().items() if k in ('sparsity/all', 'sparsity/prunable')}
+  test = {**evaluate(config.data.test_split), **overall}
   writer.write(int(state.step), 'test', test)
   checkpoints.close()
   writer.close()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jft import rules, tree_paths
+from jft import pruning, rules, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -68,9 +68,9 @@ def freeze(inner: optax.GradientTransformation, trainable: PyTree) -> optax.Grad
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
-                   labels: rules.ParamLabels | None = None) -> optax.GradientTransformation:
-  """freeze(accumulate(clip -> per-group AdamW or SGD with momentum -> schedule -> lr multipliers)).
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: rules.ParamLabels | None = None,
+                   prunable: PyTree | None = None) -> optax.GradientTransformation:
+  """[prune](freeze(accumulate(clip -> per-group AdamW or SGD with momentum -> schedule -> lr multipliers))).
 
   Weight decay applies where `labels.decay`; each group of `labels.group` (the stage since which its
   parameters train) has its own moments and step count. Without `labels` every parameter trains, in one
@@ -107,17 +107,20 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
     tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps).gradient_transformation()
   if labels is not None:
     tx = freeze(tx, labels.trainable)
+  if prunable is not None:
+    tx = pruning.masked_by(tx, prunable)
   return tx
 
 
 def carry_over(old_opt_state: optax.OptState, new_opt_state: optax.OptState) -> optax.OptState:
-  """`new_opt_state` (of the next stage's optimizer) with the moments and counts of every group that both
-  stages share copied from `old_opt_state`; new groups start fresh, and so does the stage's schedule."""
+  """`new_opt_state` (of the next stage's optimizer) with the pruning masks and the moments and counts of every
+  group that both stages share copied from `old_opt_state`; new groups start fresh, and so does the schedule."""
   old = {tree_paths.path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(old_opt_state)[0]}
 
   def carry(path, leaf):
     name = tree_paths.path_str(path)
-    kept = '/inner_states/' in f'/{name}/' and name in old and old[name].shape == leaf.shape
+    carried = '/inner_states/' in f'/{name}/' or name.startswith('masks/')
+    kept = carried and name in old and old[name].shape == leaf.shape
     return old[name] if kept else leaf
 
   return jax.tree_util.tree_map_with_path(carry, new_opt_state)
