@@ -37,8 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.freeze = ()  # regexes of parameter paths that never change
   config.lr_mults = ()  # (regex, multiplier) pairs
   config.stages = ()  # see jft/stages.py
-  # Magnitude pruning (jft/pruning.py); sparsity 0 is off.
-  config.prune = dict(sparsity=0.0, schedule='gradual', start_step=1, end_step=config.get_ref('total_steps'),
+  # Magnitude pruning (jft/pruning.py); sparsity 0 is off; end_step None is total_steps.
+  config.prune = dict(sparsity=0.0, schedule='gradual', start_step=1, end_step=config_dict.placeholder(int),
                       every=10, cycles=1, scope='layer', structure='unstructured',
                       include=config_dict.placeholder(tuple), exclude=config_dict.placeholder(tuple))
   config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0)

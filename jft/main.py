@@ -61,7 +61,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   prune = config.get('prune')
   prunable, prune_schedule = None, {}
   if prune and prune.sparsity > 0:
-    prune_schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=prune.end_step,
+    end_step = config.total_steps if prune.end_step is None else prune.end_step  # None: the last step
+    prune_schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=end_step,
                           every=prune.every, cycles=prune.get('cycles', 1))
     pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **prune_schedule)
     prunable = pruning.prunable(abstract_params, prune.get('include'), prune.get('exclude'))
