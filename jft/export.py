@@ -1,0 +1,147 @@
+"""A pruned model, compressed: `python -m jft.export --workdir=DIR --out=OUT.safetensors [--step=N]`.
+
+Reads the parameters and pruning masks of a jft checkpoint with plain orbax, strips the masks, and writes one
+safetensors file: each pruned tensor as a bitmask of its kept weights (`PATH::bitmask`, uint8, one bit per
+weight) plus the kept values in order (`PATH::values`), every other tensor as it is (`PATH`). The metadata
+says which is which and each tensor's shape and dtype. `load(OUT)` gives back the dense parameters,
+bit-identical to the masked ones. Prints dense vs compressed bytes, overall and per top-level module.
+"""
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
+from safetensors.numpy import load_file, save_file
+
+from jft import pretrained, tree_paths
+from jft.errors import UserError
+
+PyTree = Any
+FORMAT = 'jft-pruned-v1'
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'a jft work directory (its latest checkpoint unless --step)')
+_OUT = flags.DEFINE_string('out', None, 'the .safetensors file to write')
+_STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to export (default: the latest)')
+
+
+def read_params_and_masks(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """({path: parameter}, {path: mask} of the pruned ones) of a checkpoint, as host numpy arrays."""
+  root = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps or (step is not None and step not in steps):
+    raise UserError(f'{workdir} has no checkpoint {"at step " + str(step) if step else ""} (steps: {steps or "none"}); '
+                    'give the work directory of a jft run, and --step among its steps')
+  state_dir = os.path.join(root, str(step if step is not None else steps[-1]), 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(state_dir).item_metadata.tree
+  target = {'params': saved['params']}
+  opt_state = saved.get('opt_state')
+  if isinstance(opt_state, dict) and 'masks' in opt_state:
+    target['opt_state'] = {'masks': opt_state['masks']}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  params = tree_paths.flatten(restored['params'])
+  masks = tree_paths.flatten(restored.get('opt_state', {}).get('masks', {}))
+  return params, {path: mask for path, mask in masks.items() if mask is not None}
+
+
+def compress(params: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+  """(tensors to save, metadata): a bitmask and the kept values for each masked parameter, the rest dense."""
+  tensors, layout = {}, {}
+  for path, value in params.items():
+    value = np.asarray(value)
+    entry = {'shape': list(value.shape), 'dtype': str(value.dtype)}
+    if path in masks:
+      mask = np.asarray(masks[path], bool)
+      if mask.shape != value.shape:
+        raise UserError(f'the mask of {path} is {mask.shape} but the parameter is {value.shape}: a broken checkpoint')
+      tensors[f'{path}::bitmask'] = np.packbits(mask.reshape(-1))
+      tensors[f'{path}::values'] = np.ascontiguousarray(value.reshape(-1)[mask.reshape(-1)])
+      layout[path] = {**entry, 'format': 'bitmask'}
+    else:
+      tensors[path] = np.ascontiguousarray(value)
+      layout[path] = {**entry, 'format': 'dense'}
+  return tensors, layout
+
+
+def decompress(tensors: dict[str, np.ndarray], layout: dict[str, dict]) -> dict[str, np.ndarray]:
+  """{path: dense parameter}: pruned weights are exactly 0, the others the stored values."""
+  params = {}
+  for path, entry in layout.items():
+    shape, dtype = tuple(entry['shape']), np.dtype(entry['dtype'])
+    if entry['format'] == 'bitmask':
+      size = int(np.prod(shape))
+      mask = np.unpackbits(tensors[f'{path}::bitmask'], count=size).astype(bool)
+      dense = np.zeros(size, dtype)
+      dense[mask] = tensors[f'{path}::values']
+      params[path] = dense.reshape(shape)
+    else:
+      params[path] = tensors[path].astype(dtype, copy=False).reshape(shape)
+  return params
+
+
+def save(path: str, params: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> dict[str, int]:
+  """Writes the compressed file; returns {'dense_bytes', 'compressed_bytes'}."""
+  tensors, layout = compress(params, masks)
+  save_file(tensors, path, metadata={'format': FORMAT, 'layout': json.dumps(layout)})
+  return {'dense_bytes': sum(np.asarray(p).nbytes for p in params.values()),
+          'compressed_bytes': sum(t.nbytes for t in tensors.values())}
+
+
+def load(path: str) -> PyTree:
+  """The dense parameter tree of a file written by `save` (bit-identical to the masked parameters)."""
+  with open(path, 'rb') as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+  metadata = header.get('__metadata__', {})
+  if metadata.get('format') != FORMAT:
+    raise UserError(f'{path} is not a jft pruned export (format {metadata.get("format")!r}); write one with '
+                    '`python -m jft.export`')
+  return pretrained.unflatten(decompress(load_file(path), json.loads(metadata['layout'])))
+
+
+def size_table(params: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+  """Dense and compressed bytes per top-level module and in all, as `save` stores them."""
+  tensors, layout = compress(params, masks)
+  rows: dict[str, dict[str, Any]] = {}
+  for path in layout:
+    module = path.split('/')[0]
+    row = rows.setdefault(module, {'module': module, 'dense_bytes': 0, 'compressed_bytes': 0})
+    row['dense_bytes'] += np.asarray(params[path]).nbytes
+    row['compressed_bytes'] += sum(t.nbytes for name, t in tensors.items() if name.split('::')[0] == path)
+  total = {'module': 'all', 'dense_bytes': sum(r['dense_bytes'] for r in rows.values()),
+           'compressed_bytes': sum(r['compressed_bytes'] for r in rows.values())}
+  return [*rows.values(), total]
+
+
+def main() -> None:
+  try:
+    flags.FLAGS(sys.argv)
+  except flags.Error as e:
+    print(f'jft: error: {e}\nusage: python -m jft.export --workdir=DIR --out=OUT.safetensors [--step=N]',
+          file=sys.stderr)
+    sys.exit(2)
+  if not _WORKDIR.value or not _OUT.value:
+    print('jft: error: both --workdir=DIR and --out=OUT.safetensors are required', file=sys.stderr)
+    sys.exit(2)
+  try:
+    params, masks = read_params_and_masks(_WORKDIR.value, _STEP.value)
+    save(_OUT.value, params, masks)
+    rows = size_table(params, masks)
+  except UserError as e:
+    print(f'jft: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'{"module":<14} {"dense bytes":>14} {"compressed":>14} {"ratio":>7}')
+  for row in rows:
+    print(f"{row['module']:<14} {row['dense_bytes']:>14,} {row['compressed_bytes']:>14,} "
+          f"{row['compressed_bytes'] / row['dense_bytes']:>7.3f}")
+  print(json.dumps({'out': _OUT.value, 'file_bytes': os.path.getsize(_OUT.value), 'sizes': rows}))
+
+
+if __name__ == '__main__':
+  main()
