@@ -1,8 +1,8 @@
 """What the rules of a config do to each parameter: `python -m jft.inspect --config=configs/NAME.py[:ARG]`.
 
 Prints every parameter path with its shape and size and, for each stage, whether it trains, its learning-rate
-multiplier and whether it decays; then the totals: trainable and frozen parameters and the bytes of optimizer
-state. Nothing is trained or written; a bad rule fails here exactly as it would in `jft.main`.
+multiplier and whether it decays, and the target sparsity of the pruned ones; then the totals: trainable and
+frozen parameters, the bytes of optimizer state (pruning masks included) and what pruning will zero. Nothing is trained or written; a bad rule fails here exactly as it would in `jft.main`.
 """
 
 import sys
@@ -13,7 +13,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jft import components, optim, tree_paths
+from jft import components, optim, pruning, tree_paths
 from jft import stages as stages_lib
 from jft.errors import UserError
 
@@ -29,11 +29,17 @@ def describe(config: ml_collections.ConfigDict) -> str:
   model = components.build_model(config)
   params = jax.eval_shape(model.init_variables, jax.random.PRNGKey(0))[0]
   stages = stages_lib.plan(config, params)
+  prune = config.get('prune')
+  pruned = {}
+  if prune and prune.sparsity > 0:
+    pruned = tree_paths.flatten(pruning.prunable(params, prune.get('include'), prune.get('exclude')))
   shapes = tree_paths.flatten(params)
   width = max(len(path) for path in shapes)
   header = f'{"path":<{width}}  {"shape":<16} {"size":>10}'
   for stage in stages:
     header += f' | {"stage " + str(stage.index):<8} {"lr x":>7} {"decay":<5}'
+  if pruned:
+    header += f' | {"pruned":<8}'
   lines = [', '.join(f'stage {s.index}: steps {s.first_step}-{s.last_step}' for s in stages), header, '-' * len(header)]
   flat = [{name: tree_paths.flatten(getattr(stage.labels, name)) for name in ('trainable', 'lr_mult', 'decay')}
           for stage in stages]
@@ -45,16 +51,24 @@ def describe(config: ml_collections.ConfigDict) -> str:
       mult = f'{labels["lr_mult"][path]:.4g}' if trainable else '-'
       decay = ('yes' if labels['decay'][path] else 'no') if trainable else '-'
       line += f' | {rule:<8} {mult:>7} {decay:<5}'
+    if pruned:
+      line += f' | {prune.sparsity if pruned[path] else "-"!s:<8}'
     lines.append(line)
   total = sum(int(np.prod(leaf.shape)) for leaf in shapes.values())
   lines.append('')
   for stage, labels in zip(stages, flat, strict=True):
     trainable = sum(int(np.prod(shapes[p].shape)) for p, t in labels['trainable'].items() if t)
-    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels)
+    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels,
+                              pruning.prunable(params, prune.get('include'), prune.get('exclude')) if pruned else None)
     opt_bytes = tree_bytes(jax.eval_shape(tx.init, params))
     lines.append(f'stage {stage.index} (steps {stage.first_step}-{stage.last_step}): trainable {trainable:,} '
                  f'({trainable / total:.1%}), frozen {total - trainable:,}, optimizer state {opt_bytes:,} bytes '
                  f'({opt_bytes / 2**20:.1f} MiB); parameters {total:,} ({tree_bytes(params) / 2**20:.1f} MiB)')
+  if pruned:
+    count = sum(int(np.prod(shapes[p].shape)) for p, chosen in pruned.items() if chosen)
+    lines.append(f'pruning: {count:,} prunable parameters ({count / total:.1%}) to sparsity {prune.sparsity} '
+                 f'({prune.schedule}, scope {prune.scope}, {prune.structure}): {int(count * prune.sparsity):,} '
+                 f'zeros at the end, {prune.sparsity * count / total:.1%} of all parameters')
   return '\n'.join(lines)
 
 
