@@ -2,7 +2,8 @@
 
 Prints every parameter path with its shape and size and, for each stage, whether it trains, its learning-rate
 multiplier and whether it decays, and the target sparsity of the pruned ones; then the totals: trainable and
-frozen parameters, the bytes of optimizer state (pruning masks included) and what pruning will zero. Nothing is trained or written; a bad rule fails here exactly as it would in `jft.main`.
+frozen parameters, the bytes of optimizer state (pruning masks included) and what pruning will zero.
+Nothing is trained or written; a bad rule fails here exactly as it would in `jft.main`.
 """
 
 import sys
