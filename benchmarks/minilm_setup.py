@@ -38,10 +38,11 @@ class MiniLMSetup:
   def labels(self, freeze: tuple[str, ...] = ()) -> rules.ParamLabels:
     return rules.resolve(self.params, freeze=freeze)
 
-  def state_and_step(self, freeze: tuple[str, ...] = ()):
-    """(a fresh replicated train state, the jitted train step) with the parameters matching `freeze` frozen."""
+  def state_and_step(self, freeze: tuple[str, ...] = (), prunable=None):
+    """(a fresh replicated train state, the jitted train step) with the parameters matching `freeze` frozen,
+    and pruning masks for the `prunable` ones (a tree of bools) in the optimizer."""
     labels = self.labels(freeze)
-    tx = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), 1000, labels)
+    tx = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), 1000, labels, prunable)
     params = jax.tree.map(np.array, self.params)  # a copy: the step donates the state
     state = sharding.put_replicated(create_train_state(params, self.model_state, tx, jax.random.PRNGKey(1)), self.mesh)
     train_step = step_lib.jit_train_step(
