@@ -1,0 +1,135 @@
+"""Accuracy vs sparsity: magnitude pruning of the fine-tuned MiniLM (fortunes8) and of the fashion CNN.
+
+python experiments/sparsity_sweep.py [--models=minilm,fashion] [--quick]
+Every method starts from the dense trained run (experiments/runs/minilm_fortunes, experiments/runs/fashion_cnn,
+made by experiments/transfer.py if missing) and prunes the dense and convolution kernels (not embeddings,
+biases, normalisation or the head):
+  oneshot        pruned once, evaluated at once (no training)
+  oneshot+ft     pruned once at the first step, then fine-tuned (recovery) for the same number of steps
+  gradual        the cubic schedule of Zhu & Gupta over the first 70% of the steps, every 10 (MiniLM) or 25
+                 (fashion) steps, then recovery at the final sparsity
+  gradual-global the same with one magnitude threshold over all pruned tensors instead of one per tensor
+  2:4            oneshot+ft with 2 of every 4 consecutive input weights kept (50%)
+The recovery and gradual runs are `python -m jft.main` runs in experiments/runs/ (a finished run is reused).
+Writes experiments/results/sparsity_sweep.md and sparsity_sweep.png.
+"""
+
+import argparse
+import os
+
+import jax
+import matplotlib
+import optax
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS, RUNS, load_config, run_jft  # noqa: E402
+
+from jft import components, data, init, pruning, sharding  # noqa: E402
+from jft import step as step_lib  # noqa: E402
+from jft.apply_fn import linen_apply_fn  # noqa: E402
+from jft.state import create_train_state  # noqa: E402
+
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+MODELS = {
+    # config, dense run, recovery steps, lr, mask update every, the sparsities of gradual-global
+    'minilm': dict(config='configs/minilm_fortunes.py', dense='minilm_fortunes', steps=300, lr=5e-5, every=10,
+                   global_at=(0.8, 0.9)),
+    'fashion': dict(config='configs/fashion_cnn.py', dense='fashion_cnn', steps=500, lr=5e-4, every=25,
+                    global_at=SPARSITIES),
+}
+
+
+def oneshot_accuracy(spec: dict, sparsity: float) -> dict:
+  """Test metrics of the dense run's final parameters pruned at `sparsity` (layer scope), without training."""
+  config = load_config(spec['config'])
+  model = components.build_model(config)
+  params, _ = init.load_params(os.path.join(RUNS, spec['dense']))
+  if sparsity > 0:
+    masks = pruning.compute_masks(params, pruning.prunable(params), sparsity, 'layer', 'unstructured')
+    params = pruning.apply_masks(params, masks)
+  _, model_state = jax.eval_shape(model.init_variables, jax.random.PRNGKey(0))
+  if model_state:
+    raise SystemExit('oneshot evaluation reads only params: use a model without batch statistics')
+  mesh = sharding.make_mesh()
+  state = sharding.put_replicated(create_train_state(params, {}, optax.identity(), jax.random.PRNGKey(0)), mesh)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(linen_apply_fn(model.module), model.num_classes), mesh)
+  return step_lib.evaluate(eval_step, state, data.eval_batches(config.data, config.data.test_split,
+                                                                config.batch_size), mesh)
+
+
+def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool) -> dict:
+  steps = 20 if quick else spec['steps']
+  schedule = 'gradual' if method.startswith('gradual') else 'oneshot'
+  name = f'sweep_{model}_{method}_{int(round(sparsity * 100))}' + ('_quick' if quick else '')
+  every = max(1, spec['every'] // (10 if quick else 1))
+  overrides = [
+      f'--config.init={os.path.join(RUNS, spec["dense"])}', '--config.init_skip=()',  # the whole trained model
+      f'--config.total_steps={steps}', f'--config.optim.lr={spec["lr"]}', f'--config.optim.warmup_steps={steps // 10}',
+      f'--config.eval_every={steps}', f'--config.checkpoint_every={steps}', f'--config.log_every={max(steps // 20, 1)}',
+      f'--config.prune.sparsity={sparsity}', f'--config.prune.schedule={schedule}', '--config.prune.start_step=1',
+      f'--config.prune.end_step={int(steps * 0.7)}', f'--config.prune.every={every}',
+      f'--config.prune.scope={"global" if method == "gradual-global" else "layer"}',
+      f'--config.prune.structure={"2:4" if method == "2:4" else "unstructured"}',
+  ]
+  return run_jft(name, spec['config'] + (':quick' if quick else ''), *overrides)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--models', default='minilm,fashion')
+  parser.add_argument('--quick', action='store_true', help='20-step runs: checks the script, not the numbers')
+  args = parser.parse_args()
+  suffix = '_quick' if args.quick else ''
+  os.makedirs(RESULTS, exist_ok=True)
+  results = {}
+  for model in args.models.split(','):
+    spec = MODELS[model]
+    if not os.path.isdir(os.path.join(RUNS, spec['dense'])):
+      raise SystemExit(f'no dense run {spec["dense"]} in {RUNS}: run experiments/transfer.py first')
+    rows = {'dense': {0.0: oneshot_accuracy(spec, 0.0)}}
+    # The headline first: gradual at 80% and 90%, then everything else.
+    plan = [('gradual', s) for s in (0.8, 0.9)] + [('gradual', s) for s in SPARSITIES if s not in (0.8, 0.9)]
+    plan += [('oneshot+ft', s) for s in SPARSITIES] + [('gradual-global', s) for s in spec['global_at']]
+    plan += [('2:4', 0.5)]
+    for method, sparsity in plan:
+      rows.setdefault(method, {})[sparsity] = pruned_run(model, spec, method, sparsity, args.quick)
+    rows['oneshot'] = {s: oneshot_accuracy(spec, s) for s in SPARSITIES}
+    results[model] = rows
+
+  lines = ['# Sparsity sweep: magnitude pruning and recovery', '',
+           'Produced by `python experiments/sparsity_sweep.py`' + (' --quick (smoke run: not results)'
+                                                                   if args.quick else '')
+           + '; one seed; test accuracy (macro-F1 in brackets); sparsity of the pruned kernels (the head, '
+           'embeddings, biases and normalisation stay dense).', '']
+  for model, rows in results.items():
+    dense = rows['dense'][0.0]
+    lines += [f'## {model} (dense: {dense["accuracy"]:.3f} [{dense["macro_f1"]:.3f}])', '',
+              '| method | ' + ' | '.join(f'{int(s * 100)}%' for s in SPARSITIES) + ' |',
+              '|---|' + '---|' * len(SPARSITIES)]
+    for method in ('oneshot', 'oneshot+ft', 'gradual', 'gradual-global', '2:4'):
+      cells = [f"{rows[method][s]['accuracy']:.3f} [{rows[method][s]['macro_f1']:.3f}]" if s in rows[method] else ''
+               for s in SPARSITIES]
+      lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
+  with open(os.path.join(RESULTS, f'sparsity_sweep{suffix}.md'), 'w') as f:
+    f.write('\n'.join(lines))
+  print('\n'.join(lines))
+
+  figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+  for axis, (model, rows) in zip(axes[0], results.items(), strict=True):
+    axis.axhline(rows['dense'][0.0]['accuracy'], color='gray', linestyle='--', label='dense')
+    for method, marker in (('oneshot', 'x'), ('oneshot+ft', 's'), ('gradual', 'o'), ('gradual-global', '^'),
+                           ('2:4', 'D')):
+      points = sorted(rows[method].items())
+      axis.plot([100 * s for s, _ in points], [m['accuracy'] for _, m in points], marker=marker, label=method)
+    axis.set_xlabel('sparsity of the pruned kernels (%)')
+    axis.set_ylabel('test accuracy')
+    axis.set_title(model)
+    axis.legend()
+  figure.tight_layout()
+  figure.savefig(os.path.join(RESULTS, f'sparsity_sweep{suffix}.png'), dpi=120)
+
+
+if __name__ == '__main__':
+  main()
