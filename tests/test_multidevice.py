@@ -37,6 +37,33 @@ SCRIPT = textwrap.dedent('''
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, eight)
     np.testing.assert_allclose(eval_one['loss'], eval_eight['loss'], rtol=1e-4)
     assert eval_one['count'] == eval_eight['count'] == 16
+
+    # Freezing and pruning masks in the optimizer state, sharded like everything else.
+    from jft import optim, pruning, rules
+    import ml_collections
+    optim_config = ml_collections.ConfigDict(dict(name='adamw', lr=1e-2, weight_decay=0.1, warmup_steps=0,
+                                                  schedule='constant', clip_norm=1.0, accumulate_steps=1))
+
+    def run_pruned(devices):
+      mesh = sharding.make_mesh(devices)
+      params, model_state = split_variables(module.init(jax.random.PRNGKey(0), image=batches[0]['image'][:1]))
+      labels = rules.resolve(params, freeze=('stem/.*',))
+      prunable = pruning.prunable(params)
+      tx = optim.make_optimizer(optim_config, 10, labels, prunable)
+      state = sharding.put_replicated(create_train_state(params, model_state, tx, jax.random.PRNGKey(1)), mesh)
+      masks = pruning.compute_masks(state.params, prunable, 0.5, 'global', 'unstructured')
+      state = state.replace(params=pruning.apply_masks(state.params, masks),
+                            opt_state=pruning.with_new_masks(state.opt_state, masks))
+      train_step = step_lib.jit_train_step(step_lib.make_train_step(linen_apply_fn(module), tx, labels.trainable), mesh)
+      for batch in batches:
+        state, _ = train_step(state, sharding.put_batch(batch, mesh))
+      return jax.device_get(state)
+
+    one, eight = run_pruned(jax.devices()[:1]), run_pruned(jax.devices())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one.params, eight.params)
+    np.testing.assert_array_equal(one.params['stem']['kernel'], eight.params['stem']['kernel'])
+    report = pruning.sparsity_report(eight.params, pruning.masks_of(eight.opt_state))
+    assert abs(report['sparsity/prunable'] - 0.5) < 1e-3, report
     print('OK')
 ''')
 
