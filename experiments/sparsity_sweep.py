@@ -23,7 +23,7 @@ import optax
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, RUNS, load_config, run_jft  # noqa: E402
+from common import RESULTS, RUNS, load_config, read_metrics, run_jft  # noqa: E402
 
 from jft import components, data, init, pruning, sharding  # noqa: E402
 from jft import step as step_lib  # noqa: E402
@@ -59,7 +59,8 @@ def oneshot_accuracy(spec: dict, sparsity: float) -> dict:
                                                                 config.batch_size), mesh)
 
 
-def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool) -> dict:
+def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool, launch: bool = True) -> dict | None:
+  """The test metrics of a pruning run (run now if `launch` and not finished; None if neither)."""
   steps = 20 if quick else spec['steps']
   schedule = 'gradual' if method.startswith('gradual') else 'oneshot'
   name = f'sweep_{model}_{method.replace(":", "of")}_{int(round(sparsity * 100))}' + ('_quick' if quick else '')
@@ -75,30 +76,41 @@ def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool
   ]
   if method == '2:4' and spec['n_m_exclude']:
     overrides.append(f'--config.prune.exclude={spec["n_m_exclude"]!r}')
+  tests = [line for line in read_metrics(name) if line['split'] == 'test']
+  if not launch:
+    return tests[-1] if tests else None
   return run_jft(name, spec['config'] + (':quick' if quick else ''), *overrides)
+
+
+def run_plan(spec: dict) -> list[tuple[str, float]]:
+  """(method, sparsity) of every training run of a model, the headline (gradual at 80% and 90%) first."""
+  plan = [('gradual', s) for s in (0.8, 0.9)] + [('gradual', s) for s in SPARSITIES if s not in (0.8, 0.9)]
+  plan += [('oneshot+ft', s) for s in SPARSITIES] + [('gradual-global', s) for s in spec['global_at']]
+  return plan + [('2:4', 0.5)]
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--models', default='minilm,fashion')
   parser.add_argument('--quick', action='store_true', help='20-step runs: checks the script, not the numbers')
+  parser.add_argument('--report_only', action='store_true', help='train nothing: tabulate the finished runs')
   args = parser.parse_args()
   suffix = '_quick' if args.quick else ''
   os.makedirs(RESULTS, exist_ok=True)
-  results = {}
-  for model in args.models.split(','):
-    spec = MODELS[model]
-    if not os.path.isdir(os.path.join(RUNS, spec['dense'])):
-      raise SystemExit(f'no dense run {spec["dense"]} in {RUNS}: run experiments/transfer.py first')
-    rows = {'dense': {0.0: oneshot_accuracy(spec, 0.0)}}
-    # The headline first: gradual at 80% and 90%, then everything else.
-    plan = [('gradual', s) for s in (0.8, 0.9)] + [('gradual', s) for s in SPARSITIES if s not in (0.8, 0.9)]
-    plan += [('oneshot+ft', s) for s in SPARSITIES] + [('gradual-global', s) for s in spec['global_at']]
-    plan += [('2:4', 0.5)]
-    for method, sparsity in plan:
-      rows.setdefault(method, {})[sparsity] = pruned_run(model, spec, method, sparsity, args.quick)
-    rows['oneshot'] = {s: oneshot_accuracy(spec, s) for s in SPARSITIES}
-    results[model] = rows
+  models = args.models.split(',')
+  for model in models:
+    if not os.path.isdir(os.path.join(RUNS, MODELS[model]['dense'])):
+      raise SystemExit(f'no dense run {MODELS[model]["dense"]} in {RUNS}: run experiments/transfer.py first')
+  plans = {model: run_plan(MODELS[model]) for model in models}
+  # The headline first (MiniLM, gradual, 80% and 90%), then the cheap fashion runs, then the rest of MiniLM.
+  minilm = [('minilm', *p) for p in plans.get('minilm', [])]
+  order = minilm[:2] + [(m, *p) for m in models if m != 'minilm' for p in plans[m]] + minilm[2:]
+  results = {model: {'dense': {0.0: oneshot_accuracy(MODELS[model], 0.0)},
+                     'oneshot': {s: oneshot_accuracy(MODELS[model], s) for s in SPARSITIES}} for model in models}
+  for model, method, sparsity in order:
+    finished = pruned_run(model, MODELS[model], method, sparsity, args.quick, launch=not args.report_only)
+    if finished is not None:
+      results[model].setdefault(method, {})[sparsity] = finished
 
   lines = ['# Sparsity sweep: magnitude pruning and recovery', '',
            'Produced by `python experiments/sparsity_sweep.py`' + (' --quick (smoke run: not results)'
@@ -111,8 +123,9 @@ def main():
               '| method | ' + ' | '.join(f'{int(s * 100)}%' for s in SPARSITIES) + ' |',
               '|---|' + '---|' * len(SPARSITIES)]
     for method in ('oneshot', 'oneshot+ft', 'gradual', 'gradual-global', '2:4'):
-      cells = [f"{rows[method][s]['accuracy']:.3f} [{rows[method][s]['macro_f1']:.3f}]" if s in rows[method] else ''
-               for s in SPARSITIES]
+      done = rows.get(method, {})
+      cells = [f"{done[s]['accuracy']:.3f} [{done[s]['macro_f1']:.3f}]" if s in done else
+               ('not run yet' if (method, s) in run_plan(MODELS[model]) else '') for s in SPARSITIES]
       lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
     lines.append('')
   with open(os.path.join(RESULTS, f'sparsity_sweep{suffix}.md'), 'w') as f:
@@ -124,7 +137,7 @@ def main():
     axis.axhline(rows['dense'][0.0]['accuracy'], color='gray', linestyle='--', label='dense')
     for method, marker in (('oneshot', 'x'), ('oneshot+ft', 's'), ('gradual', 'o'), ('gradual-global', '^'),
                            ('2:4', 'D')):
-      points = sorted(rows[method].items())
+      points = sorted(rows.get(method, {}).items())
       axis.plot([100 * s for s, _ in points], [m['accuracy'] for _, m in points], marker=marker, label=method)
     axis.set_xlabel('sparsity of the pruned kernels (%)')
     axis.set_ylabel('test accuracy')
