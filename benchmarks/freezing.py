@@ -13,6 +13,7 @@ import time
 import jax
 from absl import app, flags
 from minilm_setup import MiniLMSetup
+from timing import interleaved_times
 
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'examples per step')
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example')
@@ -45,13 +46,7 @@ def main(_):
     start = time.perf_counter()
     run(name)
     compile_s[name] = round(time.perf_counter() - start, 2)
-  times = {name: [] for name in runs}
-  while len(times['full']) < _STEPS.value:
-    for name in runs:
-      for _ in range(_ROUND.value):
-        start = time.perf_counter()
-        run(name)
-        times[name].append(time.perf_counter() - start)
+  times = interleaved_times({name: lambda name=name: run(name) for name in runs}, _STEPS.value, _ROUND.value)
   median = {name: statistics.median(t) for name, t in times.items()}
   result = {'batch_size': _BATCH.value, 'length': _LENGTH.value, 'steps_each': len(times['full'])}
   for name in runs:

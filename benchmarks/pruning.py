@@ -14,6 +14,7 @@ import time
 import jax
 from absl import app, flags
 from minilm_setup import MiniLMSetup
+from timing import interleaved_times
 
 from jft import pruning
 
@@ -56,13 +57,7 @@ def main(_):
 
   for name in runs:
     run(name)  # compile and warm up
-  times = {name: [] for name in runs}
-  while len(times['dense']) < _STEPS.value:
-    for name in runs:
-      for _ in range(_ROUND.value):
-        start = time.perf_counter()
-        run(name)
-        times[name].append(time.perf_counter() - start)
+  times = interleaved_times({name: lambda name=name: run(name) for name in runs}, _STEPS.value, _ROUND.value)
   median = {name: statistics.median(t) for name, t in times.items()}
   report = pruning.sparsity_report(runs['pruned'][0].params, pruning.masks_of(runs['pruned'][0].opt_state))
   result = {

@@ -5,14 +5,15 @@ Both steps run interleaved in one process (rounds of each in turn), so machine n
 prints the median step times and their ratio (jft / bare).
 """
 
+import itertools
 import json
 import statistics
-import time
 
 import jax
 import optax
 from absl import app, flags
 from ml_collections import config_flags
+from timing import interleaved_times
 
 from jft import data, models, optim, sharding
 from jft import step as step_lib
@@ -65,19 +66,13 @@ def main(_):
     bare_params, bare_opt_state, loss = bare_step(bare_params, bare_opt_state, batch['image'], batch['label'])
     jax.block_until_ready(loss)
 
-  times = {'jft': [], 'bare': []}
   for batch in batches[:3]:  # compile and warm up both
     run_jft(batch)
     run_bare(batch)
-  i = 0
-  while len(times['bare']) < _STEPS.value:
-    for name, run in (('jft', run_jft), ('bare', run_bare)):
-      for _ in range(_ROUND.value):
-        batch = batches[i % len(batches)]
-        start = time.perf_counter()
-        run(batch)
-        times[name].append(time.perf_counter() - start)
-        i += 1
+  # Each step takes the next of the same cycle of batches.
+  cycles = {name: itertools.cycle(batches) for name in ('jft', 'bare')}
+  runs = {'jft': lambda: run_jft(next(cycles['jft'])), 'bare': lambda: run_bare(next(cycles['bare']))}
+  times = interleaved_times(runs, _STEPS.value, _ROUND.value)
   medians = {name: statistics.median(t) for name, t in times.items()}
   result = {
       'model': config.model.name, 'batch_size': config.batch_size, 'devices': jax.device_count(),

@@ -22,11 +22,6 @@ PRUNE = ['--config.prune.sparsity=0.8', '--config.prune.end_step=30', '--config.
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def pruned_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('pruned'))
   command = [sys.executable, '-m', 'jft.main', '--config=configs/fashion_cnn.py:quick', f'--workdir={workdir}',

@@ -20,12 +20,10 @@ def _raw_idx(name: str, header_bytes: int) -> np.ndarray:
     return np.frombuffer(f.read(), np.uint8, offset=header_bytes)
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tfds'))
+@pytest.fixture(scope='module', autouse=True)
+def built(data_dir) -> None:
   for name in ('fashion', 'digits'):
-    data.data_source(name, 'train', path)
-  return path
+    data.data_source(name, 'train', data_dir)
 
 
 def _config(data_dir, name='fashion', **overrides):

@@ -18,11 +18,6 @@ def run_main(*args, data_dir):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def quick_run(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('fashion_quick'))
   result = run_main('--config=configs/fashion_cnn.py:quick', f'--workdir={workdir}', data_dir=data_dir)

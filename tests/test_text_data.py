@@ -15,11 +15,9 @@ FORTUNES_DIR = pathlib.Path('/usr/share/games/fortunes')
 CLS, SEP = 101, 102  # minilm's [CLS] and [SEP]; [PAD] is 0.
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tfds'))
-  data.data_source('fortunes8', 'train', path)
-  return path
+@pytest.fixture(scope='module', autouse=True)
+def built(data_dir) -> None:
+  data.data_source('fortunes8', 'train', data_dir)
 
 
 def _config(data_dir, name='fortunes8', **overrides):
