@@ -108,7 +108,7 @@ def test_missing_fashion_files_name_the_package(tmp_path, monkeypatch):
 def test_default_image_config():
   config = data.default_image_config('fashion')
   assert set(config) == {'name', 'data_dir', 'train_split', 'validation_split', 'test_split',
-                         'augment', 'crop_padding', 'max_shift', 'image_size'}
+                         'augment', 'crop_padding', 'max_shift', 'image_size', 'examples_per_class'}
   assert (config.train_split, config.validation_split) == ('train[5000:]', 'train[:5000]')
 
 
