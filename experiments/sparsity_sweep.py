@@ -10,6 +10,10 @@ biases, normalisation or the head):
                  (fashion) steps, then recovery at the final sparsity
   gradual-global the same with one magnitude threshold over all pruned tensors instead of one per tensor
   2:4            oneshot+ft with 2 of every 4 consecutive input weights kept (50%)
+  gradual-long   (MiniLM) gradual from the dense fine-tuned model over as many steps as its fine-tuning (700),
+                 at its learning rate
+  ft+gradual     (MiniLM) gradual pruning during fine-tuning from the pretrained MiniLM (700 steps): the
+                 dense fine-tuning run with pruning added
 The recovery and gradual runs are `python -m jft.main` runs in experiments/runs/ (a finished run is reused).
 Writes experiments/results/sparsity_sweep.md and sparsity_sweep.png.
 """
@@ -34,10 +38,12 @@ SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 MODELS = {
     # config, dense run, recovery steps, lr, mask update every, the sparsities of gradual-global, 2:4's exclude
     'minilm': dict(config='configs/minilm_fortunes.py', dense='minilm_fortunes', steps=300, lr=5e-5, every=10,
-                   global_at=(0.8, 0.9), n_m_exclude=None),
+                   global_at=(0.8, 0.9), n_m_exclude=None,
+                   # the longer recipes: as many steps as the dense fine-tuning, at its learning rate
+                   long=dict(steps=700, lr=1e-4, at=(0.8, 0.9), pretrained='minilm')),
     # conv_0 has one input channel: no groups of 4 along its input axis, so 2:4 leaves it dense.
     'fashion': dict(config='configs/fashion_cnn.py', dense='fashion_cnn', steps=500, lr=5e-4, every=25,
-                    global_at=SPARSITIES, n_m_exclude=('head/.*', 'conv_0/.*')),
+                    global_at=SPARSITIES, n_m_exclude=('head/.*', 'conv_0/.*'), long=None),
 }
 
 
@@ -61,13 +67,19 @@ def oneshot_accuracy(spec: dict, sparsity: float) -> dict:
 
 def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool, launch: bool = True) -> dict | None:
   """The test metrics of a pruning run (run now if `launch` and not finished; None if neither)."""
-  steps = 20 if quick else spec['steps']
-  schedule = 'gradual' if method.startswith('gradual') else 'oneshot'
-  name = f'sweep_{model}_{method.replace(":", "of")}_{int(round(sparsity * 100))}' + ('_quick' if quick else '')
+  long = method in ('gradual-long', 'ft+gradual')
+  steps = 20 if quick else spec['long']['steps'] if long else spec['steps']
+  lr = spec['long']['lr'] if long else spec['lr']
+  schedule = 'gradual' if 'gradual' in method else 'oneshot'
+  source = spec['long']['pretrained'] if method == 'ft+gradual' else os.path.join(RUNS, spec['dense'])
+  # From the dense run: all of it, head included; from the pretrained model: a new head.
+  init_skip = "--config.init_skip=('head/.*',)" if method == 'ft+gradual' else '--config.init_skip=()'
+  name = f'sweep_{model}_{method.replace(":", "of").replace("+", "_")}_{int(round(sparsity * 100))}' + (
+      '_quick' if quick else '')
   every = max(1, spec['every'] // (10 if quick else 1))
   overrides = [
-      f'--config.init={os.path.join(RUNS, spec["dense"])}', '--config.init_skip=()',  # the whole trained model
-      f'--config.total_steps={steps}', f'--config.optim.lr={spec["lr"]}', f'--config.optim.warmup_steps={steps // 10}',
+      f'--config.init={source}', init_skip,
+      f'--config.total_steps={steps}', f'--config.optim.lr={lr}', f'--config.optim.warmup_steps={steps // 10}',
       f'--config.eval_every={steps}', f'--config.checkpoint_every={steps}', f'--config.log_every={max(steps // 20, 1)}',
       f'--config.prune.sparsity={sparsity}', f'--config.prune.schedule={schedule}', '--config.prune.start_step=1',
       f'--config.prune.end_step={int(steps * 0.7)}', f'--config.prune.every={every}',
@@ -85,6 +97,8 @@ def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool
 def run_plan(spec: dict) -> list[tuple[str, float]]:
   """(method, sparsity) of every training run of a model, the headline (gradual at 80% and 90%) first."""
   plan = [('gradual', s) for s in (0.8, 0.9)] + [('gradual', s) for s in SPARSITIES if s not in (0.8, 0.9)]
+  if spec['long']:
+    plan += [(method, s) for s in spec['long']['at'] for method in ('gradual-long', 'ft+gradual')]
   plan += [('oneshot+ft', s) for s in SPARSITIES] + [('gradual-global', s) for s in spec['global_at']]
   return plan + [('2:4', 0.5)]
 
@@ -94,6 +108,7 @@ def main():
   parser.add_argument('--models', default='minilm,fashion')
   parser.add_argument('--quick', action='store_true', help='20-step runs: checks the script, not the numbers')
   parser.add_argument('--report_only', action='store_true', help='train nothing: tabulate the finished runs')
+  parser.add_argument('--only', help='METHOD:SPARSITY of one model: run just that, e.g. gradual-long:0.8')
   args = parser.parse_args()
   suffix = '_quick' if args.quick else ''
   os.makedirs(RESULTS, exist_ok=True)
@@ -102,6 +117,11 @@ def main():
     if not os.path.isdir(os.path.join(RUNS, MODELS[model]['dense'])):
       raise SystemExit(f'no dense run {MODELS[model]["dense"]} in {RUNS}: run experiments/transfer.py first')
   plans = {model: run_plan(MODELS[model]) for model in models}
+  if args.only:
+    method, sparsity = args.only.rsplit(':', 1)
+    for model in models:
+      print(model, pruned_run(model, MODELS[model], method, float(sparsity), args.quick))
+    return
   # The headline first (MiniLM, gradual, 80% and 90%), then the cheap fashion runs, then the rest of MiniLM.
   minilm = [('minilm', *p) for p in plans.get('minilm', [])]
   order = minilm[:2] + [(m, *p) for m in models if m != 'minilm' for p in plans[m]] + minilm[2:]
@@ -122,7 +142,9 @@ def main():
     lines += [f'## {model} (dense: {dense["accuracy"]:.3f} [{dense["macro_f1"]:.3f}])', '',
               '| method | ' + ' | '.join(f'{int(s * 100)}%' for s in SPARSITIES) + ' |',
               '|---|' + '---|' * len(SPARSITIES)]
-    for method in ('oneshot', 'oneshot+ft', 'gradual', 'gradual-global', '2:4'):
+    for method in ('oneshot', 'oneshot+ft', 'gradual', 'gradual-global', '2:4', 'gradual-long', 'ft+gradual'):
+      if method not in rows and not any(m == method for m, _ in run_plan(MODELS[model])):
+        continue
       done = rows.get(method, {})
       cells = [f"{done[s]['accuracy']:.3f} [{done[s]['macro_f1']:.3f}]" if s in done else
                ('not run yet' if (method, s) in run_plan(MODELS[model]) else '') for s in SPARSITIES]
@@ -136,7 +158,9 @@ def main():
   for axis, (model, rows) in zip(axes[0], results.items(), strict=True):
     axis.axhline(rows['dense'][0.0]['accuracy'], color='gray', linestyle='--', label='dense')
     for method, marker in (('oneshot', 'x'), ('oneshot+ft', 's'), ('gradual', 'o'), ('gradual-global', '^'),
-                           ('2:4', 'D')):
+                           ('2:4', 'D'), ('gradual-long', 'v'), ('ft+gradual', 'P')):
+      if method not in rows:
+        continue
       points = sorted(rows.get(method, {}).items())
       axis.plot([100 * s for s, _ in points], [m['accuracy'] for _, m in points], marker=marker, label=method)
     axis.set_xlabel('sparsity of the pruned kernels (%)')
