@@ -82,6 +82,9 @@ def test_killed_and_restarted_run_ends_bit_identical(tmp_path, data_dir):
     (['--config=configs/fashion_cnn.py:quick', '--config.no_such_field=1'], 'no_such_field'),
     (['--config=configs/no_such_config.py'], 'no_such_config'),
     (['--config=configs/fashion_cnn.py:quick'], 'workdir'),
+    (['--config=configs/fashion_cnn.py:quick', '--config.prune.sparsity=1.5'], 'sparsity'),
+    (['--config=configs/fashion_cnn.py:quick', "--config.lr_mults=(('head/.*', 0.0),)"], 'must be positive'),
+    (['--config=configs/fashion_cnn.py:quick', "--config.freeze=('.*',)"], 'freezes every parameter'),
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, data_dir, args, message):
   if not any(a.startswith('--workdir') for a in args) and message != 'workdir':
