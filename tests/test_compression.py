@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from contract import TOOLS
 
 from jft import export, optim, pruning, rules, tree_paths
 from jft.checkpoint import Checkpoints
 from jft.state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = os.path.join(os.path.dirname(ROOT), 'shared', 'tools')
 PRUNE = ['--config.prune.sparsity=0.8', '--config.prune.end_step=30', '--config.prune.every=5']
 
 

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from contract import TOOLS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = os.path.join(os.path.dirname(ROOT), 'shared', 'tools')
 
 
 def run_main(*args, data_dir):
