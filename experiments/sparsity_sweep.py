@@ -13,7 +13,7 @@ biases, normalisation or the head):
   gradual-long   (MiniLM) gradual from the dense fine-tuned model over as many steps as its fine-tuning (700),
                  at its learning rate
   ft+gradual     (MiniLM) gradual pruning during fine-tuning from the pretrained MiniLM (700 steps): the
-                 dense fine-tuning run with pruning added
+                 dense fine-tuning run with pruning added; ft+gradual-global the same with global scope
 The recovery and gradual runs are `python -m jft.main` runs in experiments/runs/ (a finished run is reused).
 Writes experiments/results/sparsity_sweep.md and sparsity_sweep.png.
 """
@@ -67,13 +67,14 @@ def oneshot_accuracy(spec: dict, sparsity: float) -> dict:
 
 def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool, launch: bool = True) -> dict | None:
   """The test metrics of a pruning run (run now if `launch` and not finished; None if neither)."""
-  long = method in ('gradual-long', 'ft+gradual')
+  long = method in ('gradual-long', 'ft+gradual', 'ft+gradual-global')
   steps = 20 if quick else spec['long']['steps'] if long else spec['steps']
   lr = spec['long']['lr'] if long else spec['lr']
   schedule = 'gradual' if 'gradual' in method else 'oneshot'
-  source = spec['long']['pretrained'] if method == 'ft+gradual' else os.path.join(RUNS, spec['dense'])
+  from_pretrained = method.startswith('ft+')
+  source = spec['long']['pretrained'] if from_pretrained else os.path.join(RUNS, spec['dense'])
   # From the dense run: all of it, head included; from the pretrained model: a new head.
-  init_skip = "--config.init_skip=('head/.*',)" if method == 'ft+gradual' else '--config.init_skip=()'
+  init_skip = "--config.init_skip=('head/.*',)" if from_pretrained else '--config.init_skip=()'
   name = f'sweep_{model}_{method.replace(":", "of").replace("+", "_")}_{int(round(sparsity * 100))}' + (
       '_quick' if quick else '')
   every = max(1, spec['every'] // (10 if quick else 1))
@@ -83,7 +84,7 @@ def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool
       f'--config.eval_every={steps}', f'--config.checkpoint_every={steps}', f'--config.log_every={max(steps // 20, 1)}',
       f'--config.prune.sparsity={sparsity}', f'--config.prune.schedule={schedule}', '--config.prune.start_step=1',
       f'--config.prune.end_step={int(steps * 0.7)}', f'--config.prune.every={every}',
-      f'--config.prune.scope={"global" if method == "gradual-global" else "layer"}',
+      f'--config.prune.scope={"global" if method.endswith("-global") else "layer"}',
       f'--config.prune.structure={"2:4" if method == "2:4" else "unstructured"}',
   ]
   if method == '2:4' and spec['n_m_exclude']:
@@ -98,7 +99,7 @@ def run_plan(spec: dict) -> list[tuple[str, float]]:
   """(method, sparsity) of every training run of a model, the headline (gradual at 80% and 90%) first."""
   plan = [('gradual', s) for s in (0.8, 0.9)] + [('gradual', s) for s in SPARSITIES if s not in (0.8, 0.9)]
   if spec['long']:
-    plan += [(method, s) for s in spec['long']['at'] for method in ('gradual-long', 'ft+gradual')]
+    plan += [(method, s) for s in spec['long']['at'] for method in ('gradual-long', 'ft+gradual', 'ft+gradual-global')]
   plan += [('oneshot+ft', s) for s in SPARSITIES] + [('gradual-global', s) for s in spec['global_at']]
   return plan + [('2:4', 0.5)]
 
@@ -142,7 +143,8 @@ def main():
     lines += [f'## {model} (dense: {dense["accuracy"]:.3f} [{dense["macro_f1"]:.3f}])', '',
               '| method | ' + ' | '.join(f'{int(s * 100)}%' for s in SPARSITIES) + ' |',
               '|---|' + '---|' * len(SPARSITIES)]
-    for method in ('oneshot', 'oneshot+ft', 'gradual', 'gradual-global', '2:4', 'gradual-long', 'ft+gradual'):
+    for method in ('oneshot', 'oneshot+ft', 'gradual', 'gradual-global', '2:4', 'gradual-long', 'ft+gradual',
+                   'ft+gradual-global'):
       if method not in rows and not any(m == method for m, _ in run_plan(MODELS[model])):
         continue
       done = rows.get(method, {})
@@ -158,7 +160,7 @@ def main():
   for axis, (model, rows) in zip(axes[0], results.items(), strict=True):
     axis.axhline(rows['dense'][0.0]['accuracy'], color='gray', linestyle='--', label='dense')
     for method, marker in (('oneshot', 'x'), ('oneshot+ft', 's'), ('gradual', 'o'), ('gradual-global', '^'),
-                           ('2:4', 'D'), ('gradual-long', 'v'), ('ft+gradual', 'P')):
+                           ('2:4', 'D'), ('gradual-long', 'v'), ('ft+gradual', 'P'), ('ft+gradual-global', '*')):
       if method not in rows:
         continue
       points = sorted(rows.get(method, {}).items())
