@@ -31,7 +31,7 @@ _STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to export (defau
 
 def read_params_and_masks(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """({path: parameter}, {path: mask} of the pruned ones) of a checkpoint, as host numpy arrays."""
-  root = os.path.join(workdir, 'checkpoints')
+  root = os.path.join(os.path.abspath(workdir), 'checkpoints')  # orbax reads no metadata on relative paths
   steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
   if not steps or (step is not None and step not in steps):
     raise UserError(f'{workdir} has no checkpoint {"at step " + str(step) if step else ""} (steps: {steps or "none"}); '

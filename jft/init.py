@@ -24,6 +24,7 @@ PyTree = Any
 
 def _jft_state_dir(source: str) -> str | None:
   """The `.../checkpoints/STEP/state` directory that `source` names, or None if it is no jft run."""
+  source = os.path.abspath(source)  # orbax reads no metadata on relative paths
   if os.path.isdir(os.path.join(source, 'checkpoints')):
     source = os.path.join(source, 'checkpoints')
   steps = [int(d) for d in os.listdir(source) if d.isdigit()] if os.path.isdir(source) else []

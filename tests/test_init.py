@@ -44,8 +44,8 @@ def test_skip_pattern_matching_nothing_is_an_error():
     init_lib.merge_params(fresh(), fresh(), skip=('classifier/.*',))
 
 
-@pytest.mark.parametrize('where', ['workdir', 'root', 'step'])
-def test_loads_params_of_an_earlier_jft_run(tmp_path, where):
+@pytest.mark.parametrize('where', ['workdir', 'root', 'step', 'relative'])
+def test_loads_params_of_an_earlier_jft_run(tmp_path, where, monkeypatch):
   params = {'body': {'kernel': jnp.arange(6.0).reshape(2, 3)}}
   state = create_train_state(params, {}, optax.adam(1e-3), jax.random.PRNGKey(0))
   checkpoints = Checkpoints(str(tmp_path / 'checkpoints'))
@@ -53,7 +53,9 @@ def test_loads_params_of_an_earlier_jft_run(tmp_path, where):
     checkpoints.save(state.replace(step=jnp.asarray(step, jnp.int32),
                                    params=jax.tree.map(lambda x, s=step: x + s, params)), {}, {})
   checkpoints.close()
-  source = {'workdir': tmp_path, 'root': tmp_path / 'checkpoints', 'step': tmp_path / 'checkpoints' / '3'}[where]
+  monkeypatch.chdir(tmp_path.parent)
+  source = {'workdir': tmp_path, 'root': tmp_path / 'checkpoints', 'step': tmp_path / 'checkpoints' / '3',
+            'relative': tmp_path.name}[where]
   loaded, description = init_lib.load_params(str(source))
   expected = 3.0 if where == 'step' else 8.0  # a run or its root: the latest step
   np.testing.assert_array_equal(loaded['body']['kernel'], np.arange(6.0).reshape(2, 3) + expected)
