@@ -13,7 +13,8 @@ biases, normalisation or the head):
   gradual-long   (MiniLM) gradual from the dense fine-tuned model over as many steps as its fine-tuning (700),
                  at its learning rate
   ft+gradual     (MiniLM) gradual pruning during fine-tuning from the pretrained MiniLM (700 steps): the
-                 dense fine-tuning run with pruning added; ft+gradual-global the same with global scope
+                 dense fine-tuning run with pruning added; ft+gradual-global the same with global scope;
+                 ft+gradual-2x the same over twice the steps (1,400)
 The recovery and gradual runs are `python -m jft.main` runs in experiments/runs/ (a finished run is reused).
 Writes experiments/results/sparsity_sweep.md and sparsity_sweep.png.
 """
@@ -67,8 +68,8 @@ def oneshot_accuracy(spec: dict, sparsity: float) -> dict:
 
 def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool, launch: bool = True) -> dict | None:
   """The test metrics of a pruning run (run now if `launch` and not finished; None if neither)."""
-  long = method in ('gradual-long', 'ft+gradual', 'ft+gradual-global')
-  steps = 20 if quick else spec['long']['steps'] if long else spec['steps']
+  long = method in ('gradual-long', 'ft+gradual', 'ft+gradual-global', 'ft+gradual-2x')
+  steps = 20 if quick else spec['long']['steps'] * (2 if method.endswith('-2x') else 1) if long else spec['steps']
   lr = spec['long']['lr'] if long else spec['lr']
   schedule = 'gradual' if 'gradual' in method else 'oneshot'
   from_pretrained = method.startswith('ft+')
@@ -100,6 +101,7 @@ def run_plan(spec: dict) -> list[tuple[str, float]]:
   plan = [('gradual', s) for s in (0.8, 0.9)] + [('gradual', s) for s in SPARSITIES if s not in (0.8, 0.9)]
   if spec['long']:
     plan += [(method, s) for s in spec['long']['at'] for method in ('gradual-long', 'ft+gradual', 'ft+gradual-global')]
+    plan += [('ft+gradual-2x', 0.8)]
   plan += [('oneshot+ft', s) for s in SPARSITIES] + [('gradual-global', s) for s in spec['global_at']]
   return plan + [('2:4', 0.5)]
 
@@ -144,7 +146,7 @@ def main():
               '| method | ' + ' | '.join(f'{int(s * 100)}%' for s in SPARSITIES) + ' |',
               '|---|' + '---|' * len(SPARSITIES)]
     for method in ('oneshot', 'oneshot+ft', 'gradual', 'gradual-global', '2:4', 'gradual-long', 'ft+gradual',
-                   'ft+gradual-global'):
+                   'ft+gradual-global', 'ft+gradual-2x'):
       if method not in rows and not any(m == method for m, _ in run_plan(MODELS[model])):
         continue
       done = rows.get(method, {})
@@ -160,7 +162,8 @@ def main():
   for axis, (model, rows) in zip(axes[0], results.items(), strict=True):
     axis.axhline(rows['dense'][0.0]['accuracy'], color='gray', linestyle='--', label='dense')
     for method, marker in (('oneshot', 'x'), ('oneshot+ft', 's'), ('gradual', 'o'), ('gradual-global', '^'),
-                           ('2:4', 'D'), ('gradual-long', 'v'), ('ft+gradual', 'P'), ('ft+gradual-global', '*')):
+                           ('2:4', 'D'), ('gradual-long', 'v'), ('ft+gradual', 'P'), ('ft+gradual-global', '*'),
+                           ('ft+gradual-2x', 'p')):
       if method not in rows:
         continue
       points = sorted(rows.get(method, {}).items())
