@@ -15,6 +15,8 @@ from absl import app, flags
 from minilm_setup import MiniLMSetup
 from timing import interleaved_times
 
+from jft import tree_paths
+
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'examples per step')
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example')
 _STEPS = flags.DEFINE_integer('steps', 8, 'timed steps of each kind')
@@ -25,10 +27,6 @@ FREEZE = {
     'linear_probe': (r'(?!head/).*',),
     'top2_and_head': ('embeddings/.*', 'encoder/layer_[0-3]/.*'),
 }
-
-
-def tree_bytes(tree) -> int:
-  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
 
 
 def main(_):
@@ -55,7 +53,7 @@ def main(_):
                                                  jax.tree.leaves(setup.labels(FREEZE[name]).trainable), strict=True)
                     if t)
     result[name] = {'step_s_median': round(median[name], 4), 'ratio_to_full': round(median[name] / median['full'], 3),
-                    'trainable_params': int(trainable), 'optimizer_state_bytes': tree_bytes(state.opt_state),
+                    'trainable_params': int(trainable), 'optimizer_state_bytes': tree_paths.tree_bytes(state.opt_state),
                     'first_step_s (compile)': compile_s[name]}
   print(f"{'step':<15} {'median s':>9} {'/ full':>7} {'trainable':>12} {'opt state MiB':>14}")
   for name in runs:

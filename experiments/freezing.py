@@ -51,7 +51,7 @@ def footprint(config) -> tuple[int, int]:
     trainable = max(trainable, sum(leaf.size for path, leaf in tree_paths.flatten(params).items() if flat[path]))
     tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels)
     opt_state = jax.eval_shape(tx.init, params)
-    state_bytes = max(state_bytes, sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(opt_state)))
+    state_bytes = max(state_bytes, tree_paths.tree_bytes(opt_state))
   return trainable, state_bytes
 
 

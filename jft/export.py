@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 from safetensors.numpy import load_file, save_file
 
-from jft import pretrained, tree_paths
+from jft import tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -102,7 +102,7 @@ def load(path: str) -> PyTree:
   if metadata.get('format') != FORMAT:
     raise UserError(f'{path} is not a jft pruned export (format {metadata.get("format")!r}); write one with '
                     '`python -m jft.export`')
-  return pretrained.unflatten(decompress(load_file(path), json.loads(metadata['layout'])))
+  return tree_paths.unflatten(decompress(load_file(path), json.loads(metadata['layout'])))
 
 
 def size_table(params: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> list[dict[str, Any]]:

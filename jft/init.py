@@ -86,4 +86,4 @@ def merge_params(params: PyTree, loaded: PyTree, skip: Sequence[str], source: st
   if unused:
     logging.info('parameters of %s the model does not have: %s', source, ', '.join(unused))
   merged = {path: leaf if path in skipped else found[path].astype(leaf.dtype) for path, leaf in fresh.items()}
-  return pretrained.unflatten(merged)
+  return tree_paths.unflatten(merged)

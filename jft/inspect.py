@@ -21,10 +21,6 @@ from jft.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
 
 
-def tree_bytes(tree) -> int:
-  return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
-
-
 def describe(config: ml_collections.ConfigDict) -> str:
   """The report: one table of parameters (a column group per stage), then totals per stage."""
   model = components.build_model(config)
@@ -61,10 +57,11 @@ def describe(config: ml_collections.ConfigDict) -> str:
     trainable = sum(int(np.prod(shapes[p].shape)) for p, t in labels['trainable'].items() if t)
     tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels,
                               pruning.prunable(params, prune.get('include'), prune.get('exclude')) if pruned else None)
-    opt_bytes = tree_bytes(jax.eval_shape(tx.init, params))
+    opt_bytes = tree_paths.tree_bytes(jax.eval_shape(tx.init, params))
+    param_bytes = tree_paths.tree_bytes(params)
     lines.append(f'stage {stage.index} (steps {stage.first_step}-{stage.last_step}): trainable {trainable:,} '
                  f'({trainable / total:.1%}), frozen {total - trainable:,}, optimizer state {opt_bytes:,} bytes '
-                 f'({opt_bytes / 2**20:.1f} MiB); parameters {total:,} ({tree_bytes(params) / 2**20:.1f} MiB)')
+                 f'({opt_bytes / 2**20:.1f} MiB); parameters {total:,} ({param_bytes / 2**20:.1f} MiB)')
   if pruned:
     count = sum(int(np.prod(shapes[p].shape)) for p, chosen in pruned.items() if chosen)
     lines.append(f'pruning: {count:,} prunable parameters ({count / total:.1%}) to sparsity {prune.sparsity} '

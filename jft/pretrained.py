@@ -56,18 +56,6 @@ class Pretrained:
   config: BertConfig
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split('/')
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[name] = leaf
-  return tree
-
-
 def convert_hf_bert(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
   """({jft path: array}, names of tensors that are not encoder parameters) from Hugging Face BERT tensors."""
   converted, unused = {}, []
@@ -94,10 +82,10 @@ def load(source: str, dtype: Any = np.float32, **config_overrides: Any) -> Pretr
   module = BertModel(config, add_pooler=any(path.startswith('pooler/') for path in converted))
   ids = jax.ShapeDtypeStruct((1, 1), np.int32)
   expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), ids)['params']
-  mismatches = tree_paths.shape_mismatches(expected, unflatten(converted))
+  mismatches = tree_paths.shape_mismatches(expected, tree_paths.unflatten(converted))
   if mismatches:
     raise UserError(f'the weights in {weights_path} do not fit the BERT that its config.json describes:\n'
                     + '\n'.join(mismatches) + '\ngive a directory whose config.json and model.safetensors belong '
                     'together')
-  params = unflatten({path: array.astype(dtype) for path, array in converted.items()})
+  params = tree_paths.unflatten({path: array.astype(dtype) for path, array in converted.items()})
   return Pretrained(module=module, variables={'params': params}, config=config)

@@ -1,8 +1,9 @@
-"""Parameter paths: a leaf's place in a nested dict, its keys joined by '/' (e.g. `conv_0/kernel`)."""
+"""Parameter paths: a leaf's place in a nested dict, its keys joined by '/' (e.g. `conv_0/kernel`); tree helpers."""
 
 from typing import Any
 
 import jax
+import numpy as np
 
 PyTree = Any
 
@@ -34,3 +35,20 @@ def shape_mismatches(expected: PyTree, found: PyTree) -> list[str]:
   lines += [f'  shape     {k}: expected {want[k]}, found {have[k]}'
             for k in want if k in have and want[k] != have[k]]
   return lines
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split('/')
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[name] = leaf
+  return tree
+
+
+def tree_bytes(tree: PyTree) -> int:
+  """The bytes of every leaf of `tree` (arrays or shape-dtype structs)."""
+  return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
