@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prune = dict(sparsity=0.0, schedule='gradual', start_step=1, end_step=config_dict.placeholder(int),
                       every=10, cycles=1, scope='layer', structure='unstructured',
                       include=config_dict.placeholder(tuple), exclude=config_dict.placeholder(tuple))
+  # Knowledge distillation (jft/distill.py) from the jft run `teacher` (None: off): the loss is
+  # (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || model), both softened by temperature.
+  config.distill = dict(teacher=config_dict.placeholder(str), weight=0.5, temperature=2.0)
   config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0)
   config.optim = dict(name='adamw', lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=50,
                       schedule='cosine', clip_norm=config_dict.placeholder(float), accumulate_steps=1)

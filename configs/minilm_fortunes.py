@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prune = dict(sparsity=0.0, schedule='gradual', start_step=1, end_step=config_dict.placeholder(int),
                       every=10, cycles=1, scope='layer', structure='unstructured',
                       include=config_dict.placeholder(tuple), exclude=config_dict.placeholder(tuple))
+  # Knowledge distillation (jft/distill.py) from the jft run `teacher` (None: off): the loss is
+  # (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || model), both softened by temperature.
+  config.distill = dict(teacher=config_dict.placeholder(str), weight=0.5, temperature=2.0)
   if 'probe' in variants:
     config.freeze = (ALL_BUT_HEAD,)
     config.optim.lr = 2e-3  # a linear head on fixed features learns fast

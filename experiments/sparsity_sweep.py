@@ -15,6 +15,8 @@ biases, normalisation or the head):
   ft+gradual     (MiniLM) gradual pruning during fine-tuning from the pretrained MiniLM (700 steps): the
                  dense fine-tuning run with pruning added; ft+gradual-global the same with global scope;
                  ft+gradual-2x the same over twice the steps (1,400)
+  METHOD+kd      (MiniLM) METHOD with knowledge distillation from the dense fine-tuned run (jft/distill.py:
+                 weight 0.9 on the teacher's soft targets at temperature 2, 0.1 on the labels)
 The recovery and gradual runs are `python -m jft.main` runs in experiments/runs/ (a finished run is reused).
 Writes experiments/results/sparsity_sweep.md and sparsity_sweep.png.
 """
@@ -68,8 +70,9 @@ def oneshot_accuracy(spec: dict, sparsity: float) -> dict:
 
 def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool, launch: bool = True) -> dict | None:
   """The test metrics of a pruning run (run now if `launch` and not finished; None if neither)."""
-  long = method in ('gradual-long', 'ft+gradual', 'ft+gradual-global', 'ft+gradual-2x')
-  steps = 20 if quick else spec['long']['steps'] * (2 if method.endswith('-2x') else 1) if long else spec['steps']
+  base, kd = method.removesuffix('+kd'), method.endswith('+kd')
+  long = base in ('gradual-long', 'ft+gradual', 'ft+gradual-global', 'ft+gradual-2x')
+  steps = 20 if quick else spec['long']['steps'] * (2 if base.endswith('-2x') else 1) if long else spec['steps']
   lr = spec['long']['lr'] if long else spec['lr']
   schedule = 'gradual' if 'gradual' in method else 'oneshot'
   from_pretrained = method.startswith('ft+')
@@ -85,9 +88,12 @@ def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool
       f'--config.eval_every={steps}', f'--config.checkpoint_every={steps}', f'--config.log_every={max(steps // 20, 1)}',
       f'--config.prune.sparsity={sparsity}', f'--config.prune.schedule={schedule}', '--config.prune.start_step=1',
       f'--config.prune.end_step={int(steps * 0.7)}', f'--config.prune.every={every}',
-      f'--config.prune.scope={"global" if method.endswith("-global") else "layer"}',
+      f'--config.prune.scope={"global" if base.endswith("-global") else "layer"}',
       f'--config.prune.structure={"2:4" if method == "2:4" else "unstructured"}',
   ]
+  if kd:
+    overrides += [f'--config.distill.teacher={os.path.join(RUNS, spec["dense"])}', '--config.distill.weight=0.9',
+                  '--config.distill.temperature=2.0']
   if method == '2:4' and spec['n_m_exclude']:
     overrides.append(f'--config.prune.exclude={spec["n_m_exclude"]!r}')
   tests = [line for line in read_metrics(name) if line['split'] == 'test']

@@ -37,19 +37,34 @@ def _jft_state_dir(source: str) -> str | None:
 
 def read_checkpoint_params(state_dir: str) -> PyTree:
   """Only the `params` of a saved train state, as host numpy arrays (any device topology)."""
+  return read_checkpoint_variables(state_dir)[0]
+
+
+def read_checkpoint_variables(state_dir: str) -> tuple[PyTree, PyTree]:
+  """(`params`, `model_state`) of a saved train state, as host numpy arrays (any device topology)."""
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     saved = checkpointer.metadata(state_dir).item_metadata.tree
     if 'params' not in saved:
       raise KeyError('params')
-    target = {'params': saved['params']}
+    # An empty model_state (no BatchNorm) is stored as nothing to restore.
+    target = {key: saved[key] for key in ('params', 'model_state') if saved.get(key)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
   except (ValueError, FileNotFoundError, KeyError) as e:
     raise UserError(f'cannot read parameters from the jft checkpoint {state_dir} ({type(e).__name__}: {e}); '
                     'give a complete checkpoint') from None
-  return restored['params']
+  return restored['params'], restored.get('model_state', {})
+
+
+def jft_run(source: str) -> tuple[str, dict] | None:
+  """(the state directory, the config) of the jft run or checkpoint `source` names, or None if it is none."""
+  state_dir = _jft_state_dir(source) if os.path.isdir(source) else None
+  if state_dir is None:
+    return None
+  config_dir = os.path.join(os.path.dirname(state_dir), 'config')
+  return state_dir, ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
 
 
 def load_params(source: str) -> tuple[PyTree, str]:

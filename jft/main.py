@@ -17,7 +17,7 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jft import components, data, optim, pruning, sharding
+from jft import components, data, distill, optim, pruning, sharding
 from jft import init as init_lib
 from jft import stages as stages_lib
 from jft import step as step_lib
@@ -66,6 +66,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           every=prune.every, cycles=prune.get('cycles', 1))
     pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **prune_schedule)
     prunable = pruning.prunable(abstract_params, prune.get('include'), prune.get('exclude'))
+  distillation = config.get('distill')
+  teacher, loss_fn = None, step_lib.cross_entropy_loss
+  if distillation and distillation.teacher:  # the teacher's logits become a batch feature before each step
+    loss_fn = distill.make_loss(distillation.weight, distillation.temperature)
+    teacher = components.build_teacher(distillation.teacher, model)
+    teacher_variables = sharding.put_replicated((teacher.params, teacher.model_state), mesh)
+    teacher_logits = step_lib.jit_logits_fn(step_lib.make_logits_fn(teacher.apply_fn), mesh)
+    logging.info('distilling from %s', teacher.source)
 
   replicated = sharding.replicated(mesh)
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), **config.checkpoint)
@@ -94,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(config_json, f, indent=2)
   writer = MetricWriter(workdir, resume_step, enabled=jax.process_index() == 0)
   compile_train_step = lambda stage, tx: step_lib.jit_train_step(
-      step_lib.make_train_step(apply_fn, tx, stage.labels.trainable), mesh)
+      step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn), mesh)
   train_step = compile_train_step(stage, tx)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(apply_fn, num_classes), mesh)
 
@@ -124,7 +132,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if prunable is not None and pruning.is_update_step(step, **prune_schedule):  # masks change only on schedule
       target = pruning.sparsity_at(step, prune.sparsity, **prune_schedule)
       state = set_masks(state, pruning.compute_masks(state.params, prunable, target, prune.scope, prune.structure))
-    state, metrics = train_step(state, sharding.put_batch(next(train_batches), mesh))
+    batch = sharding.put_batch(next(train_batches), mesh)
+    if teacher is not None:
+      batch[distill.TEACHER_LOGITS] = teacher_logits(*teacher_variables, batch)
+    state, metrics = train_step(state, batch)
     pending.append(metrics)
     last = step == config.total_steps
     if step % config.log_every == 0 or last:

@@ -15,17 +15,25 @@ from jft.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-NOT_INPUTS = ('label', 'mask')
+NOT_INPUTS = ('label', 'mask', 'teacher_logits')
+LossFn = Callable[[jax.Array, Batch], jax.Array]
+
+
+def cross_entropy_loss(logits: jax.Array, batch: Batch) -> jax.Array:
+  """Mean softmax cross-entropy of `logits` against `batch['label']`, in float32."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label']))
 
 
 def model_inputs(batch: Batch) -> Batch:
-  """The batch features the model takes as keyword arguments: everything but labels and the eval mask."""
+  """The batch features the model takes as keyword arguments: everything but labels, eval mask and targets."""
   return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
 
 
-def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainable: Any = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """`train_step(state, batch) -> (state, metrics)`: softmax cross-entropy, one optimizer update.
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainable: Any = None,
+                    loss_fn: LossFn = cross_entropy_loss) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """`train_step(state, batch) -> (state, metrics)`: `loss_fn(logits, batch)`, one optimizer update.
+
+  The loss defaults to softmax cross-entropy; `distill.make_loss` adds a teacher's soft targets.
 
   `trainable` (a tree of bools shaped like the params; None: all) says which parameters are differentiated:
   the backward pass stops at the lowest trainable parameter, and frozen ones are carried over untouched.
@@ -36,13 +44,12 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainab
     mask = jax.tree.map(lambda _: True, state.params) if trainable is None else trainable
     trainable_params, frozen_params = rules.split_trainable(state.params, mask)
 
-    def loss_fn(trainable_params):
+    def objective(trainable_params):
       params = rules.merge_trainable(trainable_params, frozen_params)
       logits, model_state = apply_fn(params, state.model_state, model_inputs(batch), True, rng)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
-      return jnp.mean(loss), (logits, model_state)
+      return loss_fn(logits, batch), (logits, model_state)
 
-    (loss, (logits, model_state)), trainable_grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable_params)
+    (loss, (logits, model_state)), trainable_grads = jax.value_and_grad(objective, has_aux=True)(trainable_params)
     # Frozen parameters get zero gradients, which the optimizer's freezing discards (XLA removes them).
     grads = rules.merge_trainable(trainable_grads, jax.tree.map(jnp.zeros_like, frozen_params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -66,6 +73,21 @@ def make_eval_step(apply_fn: ApplyFn, num_classes: int) -> Callable[[TrainState,
     return metrics_lib.batch_sums(logits, batch['label'], batch['mask'], num_classes)
 
   return eval_step
+
+
+def make_logits_fn(apply_fn: ApplyFn) -> Callable[[Any, Any, Batch], jax.Array]:
+  """`logits(params, model_state, batch)`: the model's eval-mode (deterministic) logits, e.g. a teacher's."""
+
+  def logits(params, model_state, batch: Batch) -> jax.Array:
+    return apply_fn(params, model_state, model_inputs(batch), False, jax.random.PRNGKey(0))[0]
+
+  return logits
+
+
+def jit_logits_fn(logits_fn: Callable, mesh: Mesh) -> Callable[[Any, Any, Batch], jax.Array]:
+  """Compiles `logits_fn`: variables replicated, batch and logits split over the mesh."""
+  replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(logits_fn, in_shardings=(replicated, replicated, batch_sharded), out_shardings=batch_sharded)
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
