@@ -45,6 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       buckets=(32, 64, 128),
       sort_window=64,
       classes=config_dict.placeholder(tuple),
+      # Texts of another dataset that join training without labels, for a teacher to label (config.distill).
+      unlabeled=dict(name=config_dict.placeholder(str), split='train', classes=config_dict.placeholder(tuple)),
   )
   config.init = config_dict.placeholder(str) if 'scratch' in variants else 'minilm'
   config.init_skip = ('head/.*',)

@@ -17,6 +17,8 @@ biases, normalisation or the head):
                  ft+gradual-2x the same over twice the steps (1,400)
   METHOD+kd      (MiniLM) METHOD with knowledge distillation from the dense fine-tuned run (jft/distill.py:
                  weight 0.9 on the teacher's soft targets at temperature 2, 0.1 on the labels)
+  METHOD+kd+unlabeled  the same, with the other categories of the Debian fortunes as unlabelled training
+                 texts that only the teacher labels (data.unlabeled)
 The recovery and gradual runs are `python -m jft.main` runs in experiments/runs/ (a finished run is reused).
 Writes experiments/results/sparsity_sweep.md and sparsity_sweep.png.
 """
@@ -33,11 +35,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import RESULTS, RUNS, load_config, read_metrics, run_jft  # noqa: E402
 
 from jft import components, data, init, pruning, sharding  # noqa: E402
+from jft.data.fortunes import FORTUNES8_CLASSES, FortunesBuilder, available_categories  # noqa: E402
 from jft import step as step_lib  # noqa: E402
 from jft.apply_fn import linen_apply_fn  # noqa: E402
 from jft.state import create_train_state  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+# The other categories of the Debian fortunes (not fortunes8's, not ascii-art, translate-me): about 8,000 texts
+# in their train split by content hash, so none of them is a fortunes8 validation or test text.
+UNLABELED_CATEGORIES = tuple(sorted(
+    set(available_categories(FortunesBuilder.SOURCE_DIR)) - set(FORTUNES8_CLASSES) - {'ascii-art', 'translate-me'}))
 MODELS = {
     # config, dense run, recovery steps, lr, mask update every, the sparsities of gradual-global, 2:4's exclude
     'minilm': dict(config='configs/minilm_fortunes.py', dense='minilm_fortunes', steps=300, lr=5e-5, every=10,
@@ -70,7 +77,7 @@ def oneshot_accuracy(spec: dict, sparsity: float) -> dict:
 
 def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool, launch: bool = True) -> dict | None:
   """The test metrics of a pruning run (run now if `launch` and not finished; None if neither)."""
-  base, kd = method.removesuffix('+kd'), method.endswith('+kd')
+  base, kd, unlabeled = method.split('+kd')[0], '+kd' in method, method.endswith('+unlabeled')
   long = base in ('gradual-long', 'ft+gradual', 'ft+gradual-global', 'ft+gradual-2x')
   steps = 20 if quick else spec['long']['steps'] * (2 if base.endswith('-2x') else 1) if long else spec['steps']
   lr = spec['long']['lr'] if long else spec['lr']
@@ -94,6 +101,8 @@ def pruned_run(model: str, spec: dict, method: str, sparsity: float, quick: bool
   if kd:
     overrides += [f'--config.distill.teacher={os.path.join(RUNS, spec["dense"])}', '--config.distill.weight=0.9',
                   '--config.distill.temperature=2.0']
+  if unlabeled:
+    overrides += ['--config.data.unlabeled.name=fortunes', f'--config.data.unlabeled.classes={UNLABELED_CATEGORIES!r}']
   if method == '2:4' and spec['n_m_exclude']:
     overrides.append(f'--config.prune.exclude={spec["n_m_exclude"]!r}')
   tests = [line for line in read_metrics(name) if line['split'] == 'test']

@@ -39,12 +39,21 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.
 
 
 def make_loss(weight: float, temperature: float) -> LossFn:
-  """`loss(logits, batch)` for `step.make_train_step`: distillation against `batch['teacher_logits']`."""
+  """`loss(logits, batch)` for `step.make_train_step`: distillation against `batch['teacher_logits']`.
+
+  Examples labelled -1 (unlabelled texts a teacher labels, `data.unlabeled`) count in the soft term only:
+  the hard term is the mean over the labelled examples, the soft term over all.
+  """
   check_settings(weight, temperature)
 
   def loss(logits: jax.Array, batch: Batch) -> jax.Array:
     if TEACHER_LOGITS not in batch:
       raise ValueError(f'distillation needs batch[{TEACHER_LOGITS!r}]: add the teacher logits to each batch')
-    return jnp.mean(distillation_loss(logits, batch[TEACHER_LOGITS], batch['label'], weight, temperature))
+    labelled = batch['label'] >= 0
+    labels = jnp.where(labelled, batch['label'], 0)  # any valid class: the hard term of these is dropped
+    per_example = distillation_loss(logits, batch[TEACHER_LOGITS], labels, 0.0, temperature)  # the hard term
+    hard = jnp.sum(jnp.where(labelled, per_example, 0.0)) / jnp.maximum(jnp.sum(labelled), 1)
+    soft = jnp.mean(distillation_loss(logits, batch[TEACHER_LOGITS], labels, 1.0, temperature))
+    return (1.0 - weight) * hard + weight * soft
 
   return loss

@@ -68,6 +68,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     prunable = pruning.prunable(abstract_params, prune.get('include'), prune.get('exclude'))
   distillation = config.get('distill')
   teacher, loss_fn = None, step_lib.cross_entropy_loss
+  unlabeled = config.data.get('unlabeled')
+  if unlabeled and unlabeled.name and not (distillation and distillation.teacher):
+    raise UserError(f'data.unlabeled adds texts without labels ({unlabeled.name}), which only a teacher can '
+                    'label: set config.distill.teacher to a trained run, or data.unlabeled.name to None')
+  if unlabeled and unlabeled.name and not data.is_text(config.data.name):
+    raise UserError(f'data.unlabeled works with text datasets; {config.data.name!r} is an image dataset')
   if distillation and distillation.teacher:  # the teacher's logits become a batch feature before each step
     loss_fn = distill.make_loss(distillation.weight, distillation.temperature)
     teacher = components.build_teacher(distillation.teacher, model)

@@ -58,7 +58,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainab
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     return new_state, {
         'loss': loss,
-        'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+        # Over the labelled examples: a label of -1 marks a text only a teacher labels (jft/distill.py).
+        'accuracy': jnp.sum((jnp.argmax(logits, -1) == batch['label']) & (batch['label'] >= 0))
+                    / jnp.maximum(jnp.sum(batch['label'] >= 0), 1),
         'grad_norm': optax.tree.norm(trainable_grads),
     }
 

@@ -50,6 +50,19 @@ def test_soft_term_gradient_is_temperature_times_the_probability_gap():
   assert float(distill.distillation_loss(teacher, teacher, jnp.array([2]), 1.0, temperature)[0]) == pytest.approx(0)
 
 
+def test_unlabelled_examples_count_only_in_the_soft_term():
+  rng = np.random.default_rng(1)
+  logits, teacher = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  labels = np.array([1, -1, 3, -1, 0, 2], np.int32)
+  batch = {'label': jnp.asarray(labels), distill.TEACHER_LOGITS: jnp.asarray(teacher)}
+  labelled = labels >= 0
+  per_hard = np.asarray(distill.distillation_loss(logits[labelled], teacher[labelled], labels[labelled], 0.0, 2.0))
+  per_soft = np.asarray(distill.distillation_loss(logits, teacher, np.maximum(labels, 0), 1.0, 2.0))
+  expected = 0.3 * per_hard.mean() + 0.7 * per_soft.mean()
+  assert float(distill.make_loss(0.7, 2.0)(jnp.asarray(logits), batch)) == pytest.approx(expected, rel=1e-5)
+  assert np.isfinite(float(distill.make_loss(1.0, 2.0)(jnp.asarray(logits), batch)))
+
+
 @pytest.mark.parametrize('weight,temperature,field', [(1.5, 2.0, 'weight'), (0.5, 0.0, 'temperature')])
 def test_settings_out_of_range_are_user_errors(weight, temperature, field):
   with pytest.raises(UserError, match=f'config.distill.{field}'):

@@ -264,7 +264,8 @@ def test_text_config_errors(data_dir):
 def test_default_text_config():
   config = data.default_text_config('fortunes8')
   assert set(config) == {'name', 'data_dir', 'train_split', 'validation_split', 'test_split', 'tokenizer',
-                         'max_len', 'buckets', 'sort_window', 'classes'}
+                         'max_len', 'buckets', 'sort_window', 'classes', 'unlabeled'}
+  assert config.unlabeled.name is None  # no unlabelled texts unless asked
   assert (config.tokenizer, config.max_len, tuple(config.buckets), config.classes) == ('minilm', 128,
                                                                                        (32, 64, 128), None)
   config.classes = ['art', 'law']  # A list from a config file is kept as a tuple.
@@ -273,3 +274,28 @@ def test_default_text_config():
     data.default_text_config('fashion')
   with pytest.raises(UserError, match='default_text_config'):
     data.default_image_config('fortunes8')
+
+
+def test_unlabeled_texts_join_training_only_with_label_minus_1(data_dir):
+  # 'fortunes' over two other categories: its train texts join fortunes8's train split, unlabelled;
+  # a text that fortunes8 labels keeps its label; evaluation reads fortunes8 alone.
+  config = _config(data_dir, train_split='train[:96]')
+  config.unlabeled.update(name='fortunes', split='train', classes=('zippy', 'goedel'))
+  labelled = {text for text, _ in _records('fortunes8', 'train[:96]', data_dir)}
+  extra = [text for text, _ in _records('fortunes', 'train', data_dir, ('zippy', 'goedel')) if text not in labelled]
+  tokenizer = tokenizers.Tokenizer.from_file(model_files.pretrained_file('minilm', 'tokenizer.json'))
+  tokenizer.no_padding()
+  tokenizer.enable_truncation(config.max_len)
+  expected = {tuple(e.ids): label for e, label in
+              zip(tokenizer.encode_batch(extra), [-1] * len(extra), strict=True)}
+  epoch_batches = (96 + len(extra)) // 32
+  seen = {}
+  for batch in _take(data.train_iterator(config, 32, seed=0), epoch_batches):
+    for row, mask, label in zip(batch['input_ids'], batch['attention_mask'], batch['label'], strict=True):
+      seen[tuple(row[mask == 1])] = int(label)
+  unlabelled_seen = {ids for ids, label in seen.items() if label == -1}
+  assert unlabelled_seen and unlabelled_seen <= set(expected)
+  assert sum(label >= 0 for label in seen.values()) > 0.5 * 96  # one epoch minus the dropped remainder
+  assert len(unlabelled_seen) > 0.5 * len(extra)
+  eval_labels = np.concatenate([b['label'] for b in data.eval_batches(config, 'validation', 32)])
+  assert eval_labels.min() >= 0

@@ -37,7 +37,15 @@ def default_text_config(name: str) -> ml_collections.ConfigDict:
       'buckets': (32, 64, 128),  # The lengths a batch pads to: increasing, the last at least max_len.
       'sort_window': 64,  # Batches whose examples are sorted by length together; 1 gives random batches.
       'classes': ml_collections.config_dict.placeholder(tuple),  # Categories of the dataset fortunes only.
+      'unlabeled': unlabeled_config(),
   })
+
+
+def unlabeled_config() -> ml_collections.ConfigDict:
+  """`data.unlabeled`: a text dataset whose `split` joins the training texts without labels (label -1), for a
+  teacher to label (`config.distill`); `name` None: none."""
+  return ml_collections.ConfigDict({'name': ml_collections.config_dict.placeholder(str), 'split': 'train',
+                                    'classes': ml_collections.config_dict.placeholder(tuple)})
 
 
 def check_config(data_config: ml_collections.ConfigDict) -> None:
@@ -89,18 +97,33 @@ def tokenize(texts: Sequence[str], tokenizer: str, max_len: int) -> tuple[np.nda
   return ids_NxL, lengths_N
 
 
-class _TokenizedSplit:
-  """A whole split, tokenized: ids [N, max_len], lengths [N], labels [N]."""
+UNLABELED = -1  # The label of a training text that only a teacher labels.
 
-  def __init__(self, data_config: ml_collections.ConfigDict, split: str):
+
+def _read_texts(data_config: ml_collections.ConfigDict, name: str, split: str,
+                classes: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
+  """(texts, labels) of `split` of dataset `name`, in the source's order."""
+  source = builders.data_source(name, split, data_config.data_dir, classes)
+  examples = source.__getitems__(list(range(len(source))))
+  if not examples:
+    raise UserError(f'split {split!r} of dataset {name!r} has no examples: choose another split.')
+  return [e['text'].decode('utf-8') for e in examples], np.array([e['label'] for e in examples], np.int32)
+
+
+class _TokenizedSplit:
+  """A whole split, tokenized: ids [N, max_len], lengths [N], labels [N] (-1: unlabeled)."""
+
+  def __init__(self, data_config: ml_collections.ConfigDict, split: str, with_unlabeled: bool = False):
     check_config(data_config)
-    source = builders.data_source(data_config.name, split, data_config.data_dir, data_config.get('classes'))
-    examples = source.__getitems__(list(range(len(source))))
-    if not examples:
-      raise UserError(f'split {split!r} of dataset {data_config.name!r} has no examples: choose another split.')
-    texts = [e['text'].decode('utf-8') for e in examples]
+    texts, self.labels_N = _read_texts(data_config, data_config.name, split, data_config.get('classes'))
+    unlabeled = data_config.get('unlabeled')
+    if with_unlabeled and unlabeled and unlabeled.name:
+      extra, _ = _read_texts(data_config, unlabeled.name, unlabeled.split, unlabeled.get('classes'))
+      labelled = set(texts)
+      extra = [text for text in extra if text not in labelled]  # a labelled text keeps its label
+      texts = texts + extra
+      self.labels_N = np.concatenate([self.labels_N, np.full(len(extra), UNLABELED, np.int32)])
     self.ids_NxL, self.lengths_N = tokenize(texts, data_config.tokenizer, data_config.max_len)
-    self.labels_N = np.array([e['label'] for e in examples], np.int32)
     self.buckets = tuple(data_config.buckets)
 
   def batch(self, indices_B: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
@@ -131,7 +154,7 @@ def epoch_plan(lengths_N: np.ndarray, batch_size: int, sort_window: int, seed: i
 def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows: slice,
                    seed: int) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of rows `rows` of the global training batches of `batch_size`."""
-  split = _TokenizedSplit(data_config, data_config.train_split)
+  split = _TokenizedSplit(data_config, data_config.train_split, with_unlabeled=True)
   num_batches = len(split.lengths_N) // batch_size
   if num_batches == 0:
     raise UserError(f'{data_config.train_split!r} has {len(split.lengths_N)} examples, fewer than one batch of '
