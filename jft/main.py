@@ -75,6 +75,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if unlabeled and unlabeled.name and not data.is_text(config.data.name):
     raise UserError(f'data.unlabeled works with text datasets; {config.data.name!r} is an image dataset')
   if distillation and distillation.teacher:  # the teacher's logits become a batch feature before each step
+    if os.path.abspath(distillation.teacher).startswith(os.path.join(os.path.abspath(workdir), '')):
+      raise UserError(f'config.distill.teacher {distillation.teacher} is inside this run\'s --workdir: a teacher '
+                      'is a finished run of its own; give its work directory')
     loss_fn = distill.make_loss(distillation.weight, distillation.temperature)
     teacher = components.build_teacher(distillation.teacher, model)
     teacher_variables = sharding.put_replicated((teacher.params, teacher.model_state), mesh)

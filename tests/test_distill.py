@@ -134,9 +134,19 @@ def test_a_student_that_starts_as_its_teacher_has_nothing_to_learn(teacher_run, 
   assert train[0]['accuracy'] < 1.0  # the cross-entropy of the same logits would be far from 0
 
 
-def test_a_missing_teacher_exits_2_before_writing_anything(tmp_path, data_dir):
+@pytest.mark.parametrize('teacher', ['missing', 'w/checkpoints'])
+def test_a_missing_or_own_teacher_exits_2_before_writing_anything(tmp_path, data_dir, teacher):
   result = run_main('--config=configs/fashion_cnn.py:quick', f'--workdir={tmp_path / "w"}',
-                    f'--config.distill.teacher={tmp_path / "missing"}', data_dir=data_dir)
+                    f'--config.distill.teacher={tmp_path / teacher}', data_dir=data_dir)
   assert result.returncode == 2
   assert 'config.distill.teacher' in result.stderr and 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_unlabelled_texts_without_a_teacher_exit_2(tmp_path, data_dir):
+  result = run_main('--config=configs/minilm_fortunes.py:quick', f'--workdir={tmp_path / "w"}',
+                    '--config.data.unlabeled.name=fortunes', "--config.data.unlabeled.classes=('zippy',)",
+                    data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'data.unlabeled' in result.stderr and 'config.distill.teacher' in result.stderr
+  assert 'Traceback' not in result.stderr
