@@ -15,6 +15,7 @@ from contract import TOOLS
 from jft import components, distill, models, sharding
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn, split_variables
+from jft.checkpoint import Checkpoints
 from jft.errors import UserError
 from jft.state import create_train_state
 
@@ -87,6 +88,24 @@ def test_the_step_learns_the_teachers_predictions_not_the_labels():
   logits = step_lib.make_logits_fn(apply_fn)(state.params, state.model_state, batch)
   assert np.all(np.argmax(logits, -1) == 2)
   np.testing.assert_allclose(jax.nn.softmax(logits)[:, 2], jax.nn.softmax(jnp.array([0.0, 0.0, 4.0]))[2], atol=0.05)
+
+
+def test_a_teacher_with_batchnorm_keeps_its_statistics(tmp_path):
+  # A ResNet teacher needs its running statistics as well as its parameters.
+  module = models.ResNet(num_classes=3, stage_features=(4,), blocks_per_stage=1)
+  images = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  params, model_state = split_variables(module.init(jax.random.PRNGKey(0), image=images, train=False))
+  model_state = jax.tree.map(lambda x: x + 0.5, model_state)  # not the initial values
+  state = create_train_state(params, model_state, optax.sgd(0.1), jax.random.PRNGKey(1))
+  checkpoints = Checkpoints(str(tmp_path / 'checkpoints'))
+  checkpoints.save(state, {}, {'model': {'name': 'resnet', 'stage_features': [4], 'blocks_per_stage': 1}})
+  checkpoints.close()
+  student = components.Model(module=module, num_classes=3, init_variables=None, example_inputs={'image': images[:1]})
+  teacher = components.build_teacher(str(tmp_path), student)
+  jax.tree.map(np.testing.assert_array_equal, teacher.model_state, jax.device_get(model_state))
+  logits = step_lib.make_logits_fn(teacher.apply_fn)(teacher.params, teacher.model_state, {'image': images})
+  np.testing.assert_allclose(logits, module.apply({'params': params, **model_state}, image=images, train=False),
+                             rtol=1e-5, atol=1e-6)
 
 
 def run_main(*args, data_dir):
