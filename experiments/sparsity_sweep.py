@@ -182,7 +182,7 @@ def main():
     f.write('\n'.join(lines))
   print('\n'.join(lines))
 
-  figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+  figure, axes = plt.subplots(1, len(results), figsize=(8.5 * len(results), 4.5), squeeze=False)
   for axis, (model, rows) in zip(axes[0], results.items(), strict=True):
     axis.axhline(rows['dense'][0.0]['accuracy'], color='gray', linestyle='--', label='dense')
     for method, marker in zip(METHODS, 'xso^DvP*dp<>h8HX', strict=True):
@@ -193,7 +193,7 @@ def main():
     axis.set_xlabel('sparsity of the pruned kernels (%)')
     axis.set_ylabel('test accuracy')
     axis.set_title(model)
-    axis.legend()
+    axis.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.0, 0.5))
   figure.tight_layout()
   figure.savefig(os.path.join(RESULTS, f'sparsity_sweep{suffix}.png'), dpi=120)
 
