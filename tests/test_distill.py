@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from contract import TOOLS
+from contract import ROOT, TOOLS, run_main
 
 from jft import components, distill, models, sharding
 from jft import step as step_lib
@@ -18,8 +18,6 @@ from jft.apply_fn import linen_apply_fn, split_variables
 from jft.checkpoint import Checkpoints
 from jft.errors import UserError
 from jft.state import create_train_state
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def numpy_log_softmax(x):
@@ -107,10 +105,6 @@ def test_a_teacher_with_batchnorm_keeps_its_statistics(tmp_path):
   np.testing.assert_allclose(logits, module.apply({'params': params, **model_state}, image=images, train=False),
                              rtol=1e-5, atol=1e-6)
 
-
-def run_main(*args, data_dir):
-  command = [sys.executable, '-m', 'jft.main', *args, f'--config.data.data_dir={data_dir}']
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope='module')

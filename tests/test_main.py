@@ -7,14 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from contract import TOOLS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*args, data_dir):
-  command = [sys.executable, '-m', 'jft.main', *args, f'--config.data.data_dir={data_dir}']
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+from contract import ROOT, TOOLS, run_main
 
 
 @pytest.fixture(scope='module')
