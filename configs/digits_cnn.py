@@ -44,7 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Knowledge distillation (jft/distill.py) from the jft run `teacher` (None: off): the loss is
   # (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || model), both softened by temperature.
   config.distill = dict(teacher=config_dict.placeholder(str), weight=0.5, temperature=2.0)
-  config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0)
+  config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0, dtype='float32')
   config.optim = dict(name='adamw', lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=50,
                       schedule='cosine', clip_norm=config_dict.placeholder(float), accumulate_steps=1)
+  # Scale-out (jft/sharding.py): a (data, fsdp, model) device mesh, -1 the rest of the devices; parameters
+  # of at least min_bytes are split over fsdp, after the (regex, partition spec) rules; 'pmap': data-parallel only.
+  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.sharding = dict(rules=(), min_bytes=2**20)
+  config.backend = 'jit'
   return config

@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init = 'runs/fashion_cnn'
   config.init_skip = ('head/.*',)  # fashion's 10 classes are not digits: a new head
   # The checkpoint fits only the architecture of configs/fashion_cnn.py, which digits_cnn shares.
-  config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0)
+  config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0, dtype='float32')
   # Starting close to a good solution: fewer steps and a lower peak learning rate than from scratch.
   config.total_steps = 30 if quick else 300
   config.checkpoint_every = 15 if quick else 100

@@ -50,7 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.init = config_dict.placeholder(str) if 'scratch' in variants else 'minilm'
   config.init_skip = ('head/.*',)
-  config.model = dict(name='bert', architecture='minilm', pooling='mean', head_dropout=0.1, overrides={})
+  # dtype: the compute dtype ('bfloat16': parameters and optimizer state stay float32); remat: recompute each
+  # encoder layer's activations in the backward pass instead of keeping them.
+  config.model = dict(name='bert', architecture='minilm', pooling='mean', head_dropout=0.1, overrides={},
+                      dtype='float32', remat=False)
   config.optim = dict(name='adamw', lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=2 if quick else 70,
                       schedule='linear', clip_norm=1.0, accumulate_steps=1,
                       decay=config_dict.placeholder(tuple),  # None: kernels and embeddings decay
@@ -76,4 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(steps=probe_steps, freeze=(ALL_BUT_HEAD,), optim=dict(lr=2e-3, warmup_steps=probe_steps // 10)),
         dict(steps=config.total_steps - probe_steps),
     )
+  # Scale-out (jft/sharding.py): a (data, fsdp, model) device mesh, -1 the rest of the devices; parameters
+  # of at least min_bytes are split over fsdp, after the (regex, partition spec) rules; 'pmap': data-parallel only.
+  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.sharding = dict(rules=(), min_bytes=2**20)
+  config.backend = 'jit'
   return config

@@ -7,8 +7,22 @@ function), `jft.rules` (regex rules over parameter paths), `jft.stages`, `jft.op
 (the pure, jitted train and eval steps), `jft.checkpoint`, `jft.metrics`.
 """
 
-from jft import apply_fn, checkpoint, init, metrics, optim, pretrained, rules, sharding, stages, state, step
+import importlib
+
 from jft.errors import UserError
 
-__all__ = ['UserError', 'apply_fn', 'checkpoint', 'init', 'metrics', 'optim', 'pretrained', 'rules', 'sharding',
-           'stages', 'state', 'step']
+_SUBMODULES = ('apply_fn', 'checkpoint', 'init', 'metrics', 'optim', 'pretrained', 'rules', 'sharding', 'stages',
+               'state', 'step')
+__all__ = ['UserError', *_SUBMODULES]
+
+
+def __getattr__(name: str):
+  """`jft.optim` and the like, imported on first use: `import jft.rules` alone loads no models, orbax or
+  safetensors."""
+  if name in _SUBMODULES:
+    return importlib.import_module(f'jft.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *_SUBMODULES})

@@ -4,10 +4,16 @@ Each step directory holds three items, readable with plain orbax: `state` (the `
 params, opt_state, model_state, rng), `data` (the data iterator's JSON state) and `config` (JSON).
 """
 
+import hashlib
+import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jft import tree_paths
@@ -18,7 +24,7 @@ from jft.state import TrainState
 class Checkpoints:
   """An orbax `CheckpointManager` that keeps the latest `keep_latest` steps and the best `keep_best`."""
 
-  def __init__(self, directory: str, *, keep_latest: int = 2, keep_best: int = 1,
+  def __init__(self, directory: str | os.PathLike, *, keep_latest: int = 2, keep_best: int = 1,
                best_metric: str = 'accuracy', best_mode: str = 'max', async_save: bool = True):
     if best_mode not in ('max', 'min'):
       raise UserError(f"config.checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
@@ -31,7 +37,8 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode, preservation_policy=policies.AnyPreservationPolicy(preserve),
         enable_async_checkpointing=async_save, create=True)
-    self.directory = os.path.abspath(directory)
+    # orbax finds no tree metadata under a relative path; a remote one (gs://...) is absolute already.
+    self.directory = epath.Path(directory) if '://' in str(directory) else epath.Path(os.path.abspath(directory))
     handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
                     config=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -49,6 +56,9 @@ class Checkpoints:
   def save(self, state: TrainState, data_state: Any, config: dict, metrics: dict | None = None) -> None:
     """Starts an async save of `state` at its step; returns once the arrays are copied off the device."""
     step = int(state.step)
+    if jax.process_count() > 1:  # one data state is saved for all hosts: it must be the same on each
+      digest = np.frombuffer(hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest(), np.uint32)
+      multihost_utils.assert_equal(digest, 'the data iterator states of the hosts differ')
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)), metrics=metrics, force=True)

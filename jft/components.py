@@ -1,14 +1,17 @@
 """Config -> model pieces, shared by the command-line tools (`jft.main`, `jft.inspect`)."""
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
+from absl import logging
+from jax.sharding import Mesh
 
-from jft import data, models, tree_paths
+from jft import data, distill, models, pruning, pruning_hook, sharding, teacher_hook, tree_paths
 from jft import init as init_lib
 from jft import step as step_lib
 from jft.apply_fn import ApplyFn, linen_apply_fn, split_variables
@@ -55,13 +58,13 @@ def build_teacher(source: str, student: Model) -> Teacher:
 
   The teacher reads the student's batches, so it must take the same inputs and predict the same classes.
   """
-  run = init_lib.jft_run(source)
+  run = init_lib.read_run(source, items=('params', 'model_state'))
   if run is None:
     raise UserError(f'config.distill.teacher {source!r} is not a jft work directory or checkpoint; give the '
                     'work directory of a finished run of the teacher')
-  state_dir, teacher_config = run
+  state_dir, teacher_config = run.state_dir, run.config
   module = models.get_model(ml_collections.ConfigDict(teacher_config['model']), student.num_classes)
-  params, model_state = init_lib.read_checkpoint_variables(state_dir)
+  params, model_state = run.params, run.model_state
   # The shapes the teacher's model has on the student's inputs: a different class count shows in the head.
   expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **student.example_inputs, train=False))
   mismatches = tree_paths.shape_mismatches(expected['params'], params)
@@ -70,3 +73,46 @@ def build_teacher(source: str, student: Model) -> Teacher:
                     + '\n'.join(mismatches) + '\na teacher must take the same inputs and predict the same '
                     f'{student.num_classes} classes as the model it teaches')
   return Teacher(linen_apply_fn(module), params, model_state, state_dir)
+
+
+def param_specs(config: ml_collections.ConfigDict, params: PyTree, mesh: Mesh) -> PyTree:
+  """Each parameter's partition spec under `config.sharding` (rules, then FSDP above `min_bytes`) on `mesh`."""
+  settings = config.get('sharding') or {}
+  return sharding.param_specs(params, mesh.shape, tuple(settings.get('rules') or ()),
+                              settings.get('min_bytes', sharding.DEFAULT_MIN_BYTES))
+
+
+def build_pruner(config: ml_collections.ConfigDict, params: PyTree) -> pruning_hook.MaskSchedule | None:
+  """The pruning schedule of `config.prune` over `params` (arrays or shapes), checked; None when it is off."""
+  prune = config.get('prune')
+  if not prune or prune.sparsity == 0:
+    return None
+  end_step = config.total_steps if prune.end_step is None else prune.end_step  # None: the last step
+  schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=end_step, every=prune.every,
+                  cycles=prune.get('cycles', 1))
+  pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **schedule)
+  prunable = pruning.prunable(params, prune.get('include'), prune.get('exclude'))
+  return pruning_hook.MaskSchedule(prunable, prune.sparsity, prune.scope, prune.structure, **schedule)
+
+
+def build_teacher_hook(config: ml_collections.ConfigDict, student: Model, mesh: Mesh,
+                       workdir: os.PathLike) -> teacher_hook.TeacherLogits | None:
+  """The teacher of `config.distill`, its variables sharded on `mesh` (FSDP as the student's); None when off."""
+  distillation, unlabeled = config.get('distill'), config.data.get('unlabeled')
+  has_teacher = bool(distillation and distillation.teacher)
+  if unlabeled and unlabeled.name and not has_teacher:
+    raise UserError(f'data.unlabeled adds texts without labels ({unlabeled.name}), which only a teacher can '
+                    'label: set config.distill.teacher to a trained run, or data.unlabeled.name to None')
+  if unlabeled and unlabeled.name and not data.is_text(config.data.name):
+    raise UserError(f'data.unlabeled works with text datasets; {config.data.name!r} is an image dataset')
+  if not has_teacher:
+    return None
+  distill.check_settings(distillation.weight, distillation.temperature)
+  if os.path.abspath(distillation.teacher).startswith(os.path.join(os.path.abspath(workdir), '')):
+    raise UserError(f"config.distill.teacher {distillation.teacher} is inside this run's --workdir: a teacher "
+                    'is a finished run of its own; give its work directory')
+  teacher = build_teacher(distillation.teacher, student)
+  settings = config.get('sharding') or {}
+  specs = sharding.param_specs(teacher.params, mesh.shape, (), settings.get('min_bytes', sharding.DEFAULT_MIN_BYTES))
+  logging.info('distilling from %s', teacher.source)
+  return teacher_hook.TeacherLogits(teacher.apply_fn, teacher.params, teacher.model_state, mesh, specs)

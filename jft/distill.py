@@ -32,9 +32,8 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, labels: jax.
   """Per-example (1 - w) * CE(logits, labels) + w * T^2 * KL(teacher_T || student_T), in float32."""
   logits, teacher_logits = logits.astype(jnp.float32), teacher_logits.astype(jnp.float32)
   hard = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  teacher_log_probs = jax.nn.log_softmax(teacher_logits / temperature)
-  student_log_probs = jax.nn.log_softmax(logits / temperature)
-  soft = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+  soft = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(logits / temperature),
+                                                     jax.nn.log_softmax(teacher_logits / temperature))
   return (1.0 - weight) * hard + weight * temperature**2 * soft
 
 

@@ -1,9 +1,9 @@
 """A pruned model, compressed: `python -m jft.export --workdir=DIR --out=OUT.safetensors [--step=N]`.
 
-Reads the parameters and pruning masks of a jft checkpoint with plain orbax, strips the masks, and writes one
-safetensors file: each pruned tensor as a bitmask of its kept weights (`PATH::bitmask`, uint8, one bit per
-weight) plus the kept values in order (`PATH::values`), every other tensor as it is (`PATH`). The metadata
-says which is which and each tensor's shape and dtype. `load(OUT)` gives back the dense parameters,
+Reads the parameters and pruning masks of a jft checkpoint with plain orbax (`jft.init.read_run`), strips the
+masks, and writes one safetensors file: each pruned tensor as a bitmask of its kept weights (`PATH::bitmask`,
+uint8, one bit per weight) plus the kept values in order (`PATH::values`), every other tensor as it is (`PATH`).
+The metadata says which is which and each tensor's shape and dtype. `load(OUT)` gives back the dense parameters,
 bit-identical to the masked ones. Prints dense vs compressed bytes, overall and per top-level module.
 """
 
@@ -12,12 +12,11 @@ import os
 import sys
 from typing import Any
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags
 from safetensors.numpy import load_file, save_file
 
+from jft import init as init_lib
 from jft import tree_paths
 from jft.errors import UserError
 
@@ -31,24 +30,10 @@ _STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to export (defau
 
 def read_params_and_masks(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """({path: parameter}, {path: mask} of the pruned ones) of a checkpoint, as host numpy arrays."""
-  root = os.path.join(os.path.abspath(workdir), 'checkpoints')  # orbax reads no metadata on relative paths
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-  if not steps or (step is not None and step not in steps):
-    raise UserError(f'{workdir} has no checkpoint {"at step " + str(step) if step else ""} (steps: {steps or "none"}); '
-                    'give the work directory of a jft run, and --step among its steps')
-  state_dir = os.path.join(root, str(step if step is not None else steps[-1]), 'state')
-  checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(state_dir).item_metadata.tree
-  target = {'params': saved['params']}
-  opt_state = saved.get('opt_state')
-  if isinstance(opt_state, dict) and 'masks' in opt_state:
-    target['opt_state'] = {'masks': opt_state['masks']}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
-  params = tree_paths.flatten(restored['params'])
-  masks = tree_paths.flatten(restored.get('opt_state', {}).get('masks', {}))
-  return params, {path: mask for path, mask in masks.items() if mask is not None}
+  run = init_lib.read_run(workdir, items=('params', 'masks'), step=step)
+  if run is None:
+    raise UserError(f'{workdir} has no checkpoint; give the work directory of a jft run')
+  return tree_paths.flatten(run.params), tree_paths.flatten(run.masks or {})  # the unpruned (None) drop out
 
 
 def compress(params: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:

@@ -4,8 +4,13 @@ A source is a registered pretrained model ('minilm'), a directory in Hugging Fac
 jft run: its work directory (the latest checkpoint), its `checkpoints/` root, or one `checkpoints/STEP`.
 Every parameter is taken from the source except those matching an `init_skip` regex (e.g. a new head),
 which keep their fresh initialisation. Anything else that does not fit is an error listing each path.
+
+`read_run` reads a step of an earlier run for `init`, the teacher and `jft.export`, with plain orbax: paths go
+through `etils.epath`, so a `gs://` run reads as a local one does, and arrays come back as host numpy arrays,
+whatever mesh or process count the run was saved with.
 """
 
+import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -15,63 +20,98 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from flax import traverse_util
 
 from jft import model_files, pretrained, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
+ITEMS = ('params', 'model_state', 'masks')
+_PATHS = {'params': 'params', 'model_state': 'model_state', 'masks': 'opt_state/masks'}  # in the train state
 
 
-def _jft_state_dir(source: str) -> str | None:
-  """The `.../checkpoints/STEP/state` directory that `source` names, or None if it is no jft run."""
-  source = os.path.abspath(source)  # orbax reads no metadata on relative paths
-  if os.path.isdir(os.path.join(source, 'checkpoints')):
-    source = os.path.join(source, 'checkpoints')
-  steps = [int(d) for d in os.listdir(source) if d.isdigit()] if os.path.isdir(source) else []
-  if steps:
-    source = os.path.join(source, str(max(steps)))
-  if os.path.isdir(os.path.join(source, 'state')):
-    return os.path.join(source, 'state')
-  return None
+def _subtree(tree: Any, path: str) -> Any:
+  for key in path.split('/'):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
 
 
-def read_checkpoint_params(state_dir: str) -> PyTree:
-  """Only the `params` of a saved train state, as host numpy arrays (any device topology)."""
-  return read_checkpoint_variables(state_dir)[0]
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A step of a run: its `state` directory, the step, the run's config, and the parts read (None: not asked
+  for, or `masks` of a run that did not prune; an empty `model_state` is {})."""
+
+  state_dir: epath.Path
+  step: int
+  config: dict
+  params: PyTree = None
+  model_state: PyTree = None
+  masks: PyTree = None
 
 
-def read_checkpoint_variables(state_dir: str) -> tuple[PyTree, PyTree]:
-  """(`params`, `model_state`) of a saved train state, as host numpy arrays (any device topology)."""
-  checkpointer = ocp.PyTreeCheckpointer()
+def find_run(source: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int] | None:
+  """(the checkpoint root, the step) that `source` names, or None if it is no jft run; `step` None: the latest
+  (or the one step a step directory holds)."""
+  path = epath.Path(source)
+  path = path if path.is_absolute() else path.absolute()  # orbax finds no tree metadata under a relative path
+  only = None
+  if (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  elif (path / 'state').is_dir() and path.name.isdigit():
+    path, only = path.parent, int(path.name)
+  steps = sorted(ocp.path.step.checkpoint_steps(path)) if path.is_dir() else []
+  if only is not None:
+    steps = [s for s in steps if s == only]
+  if not steps:
+    return None
+  if step is not None and step not in steps:
+    raise UserError(f'{source} has no checkpoint at step {step} (steps: {", ".join(map(str, steps))}); '
+                    'give one of those steps')
+  return path, (steps[-1] if step is None else step)
+
+
+def read_run(source: str | os.PathLike, items: Sequence[str] = ITEMS, step: int | None = None) -> Run | None:
+  """The config and the `items` (of `ITEMS`) of a step of the jft run `source` names; None if it is no run."""
+  unknown = set(items) - set(ITEMS)
+  if unknown:
+    raise ValueError(f'unknown items {sorted(unknown)}; read any of {ITEMS}')
+  found = find_run(source, step)
+  if found is None:
+    return None
+  root, step = found
+  state_dir = root / str(step) / 'state'
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  handlers = dict(state=ocp.PyTreeCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+                  config=ocp.JsonCheckpointHandler())
+  manager = ocp.CheckpointManager(root, options=options, item_handlers=handlers)
   try:
-    saved = checkpointer.metadata(state_dir).item_metadata.tree
+    saved = manager.item_metadata(step)['state'].tree
     if 'params' not in saved:
       raise KeyError('params')
-    # An empty model_state (no BatchNorm) is stored as nothing to restore.
-    target = {key: saved[key] for key in ('params', 'model_state') if saved.get(key)}
+    # An empty part (a model without BatchNorm, an optimizer without masks) is stored as nothing to restore.
+    present = {item: tree for item in items if (tree := _subtree(saved, _PATHS[item]))}
+    target = traverse_util.unflatten_dict({_PATHS[item]: tree for item, tree in present.items()}, sep='/')
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+        config=ocp.args.JsonRestore()))
   except (ValueError, FileNotFoundError, KeyError) as e:
-    raise UserError(f'cannot read parameters from the jft checkpoint {state_dir} ({type(e).__name__}: {e}); '
-                    'give a complete checkpoint') from None
-  return restored['params'], restored.get('model_state', {})
-
-
-def jft_run(source: str) -> tuple[str, dict] | None:
-  """(the state directory, the config) of the jft run or checkpoint `source` names, or None if it is none."""
-  state_dir = _jft_state_dir(source) if os.path.isdir(source) else None
-  if state_dir is None:
-    return None
-  config_dir = os.path.join(os.path.dirname(state_dir), 'config')
-  return state_dir, ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
+    raise UserError(f'cannot read the jft checkpoint {state_dir} ({type(e).__name__}: {e}); give a complete '
+                    'checkpoint') from None
+  finally:
+    manager.close()
+  parts = {item: _subtree(restored['state'], _PATHS[item]) for item in present}
+  if 'model_state' in items:
+    parts.setdefault('model_state', {})
+  return Run(state_dir=state_dir, step=step, config=restored['config'], **parts)
 
 
 def load_params(source: str) -> tuple[PyTree, str]:
   """(the parameter tree of `source`, a description of where it came from)."""
-  state_dir = _jft_state_dir(source) if os.path.isdir(source) else None
-  if state_dir is not None:
-    return read_checkpoint_params(state_dir), f'jft checkpoint {state_dir}'
+  run = read_run(source, items=('params',))
+  if run is not None:
+    return run.params, f'jft checkpoint {run.state_dir}'
   if model_files.is_registered(source) or os.path.isfile(os.path.join(source, 'config.json')):
     return pretrained.load(source).variables['params'], f'pretrained {source}'
   registered = ', '.join(model_files.REGISTERED)

@@ -1,5 +1,8 @@
 """Command line: `python -m jft.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]`.
 
+Multi-host: add `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on every host, or
+`--distributed` where JAX detects the cluster (jft/distributed.py); `python -m jft.launch` runs N local processes.
+
 The only place that turns a config into components (data, model, optimizer, state, checkpoints) and runs
 the train loop. Running the same command again in the same DIR resumes from the latest checkpoint.
 """
@@ -7,17 +10,16 @@ the train loop. Running the same command again in the same DIR resumes from the 
 import json
 import os
 import sys
-import time
 
 import jax
 import ml_collections
-import numpy as np
 import tqdm
 from absl import flags, logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jft import components, data, distill, optim, pruning, sharding
+from jft import components, data, distill, distributed, metric_writer, optim, pmap_backend, sharding
 from jft import init as init_lib
 from jft import stages as stages_lib
 from jft import step as step_lib
@@ -25,11 +27,10 @@ from jft.apply_fn import linen_apply_fn
 from jft.checkpoint import Checkpoints
 from jft.errors import UserError
 from jft.metric_writer import MetricWriter
-from jft.state import create_train_state
+from jft.state import TrainState, create_train_state
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'work directory: config.json, metrics.jsonl, checkpoints/')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() (multi-host runs)')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -40,142 +41,129 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) per `config` in `workdir`; returns the final test metrics."""
+  """Trains (or resumes) per `config` in `workdir` (a local path or e.g. gs://); returns the final test metrics."""
+  workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
+  # Setup: every config check runs here, before anything is written.
   validate_config(config)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(shape=config.get('mesh'))
   sharding.check_batch_size(config.batch_size, mesh)
+  backend = config.get('backend', 'jit')
+  pmap_backend.check_backend(backend, mesh)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-
   if jax.process_count() > 1:
     # One host builds the tfds dataset (a shared data_dir); the others wait rather than race to write it.
     if jax.process_index() == 0:
       data.data_source(config.data.name, config.data.train_split, config.data.data_dir, config.data.get('classes'))
     multihost_utils.sync_global_devices('jft: data prepared')
   model = components.build_model(config, **process)
-  num_classes, init_variables = model.num_classes, model.init_variables
   apply_fn = linen_apply_fn(model.module)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  # Every rule (freeze, lr_mults, decay, stages, pruning) is resolved here, before anything is written.
-  abstract_params = jax.eval_shape(init_variables, init_rng)[0]
+  abstract_params = jax.eval_shape(model.init_variables, init_rng)[0]
+  param_specs = components.param_specs(config, abstract_params, mesh)
   stages = stages_lib.plan(config, abstract_params)
-  prune = config.get('prune')
-  prunable, prune_schedule = None, {}
-  if prune and prune.sparsity > 0:
-    end_step = config.total_steps if prune.end_step is None else prune.end_step  # None: the last step
-    prune_schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=end_step,
-                          every=prune.every, cycles=prune.get('cycles', 1))
-    pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **prune_schedule)
-    prunable = pruning.prunable(abstract_params, prune.get('include'), prune.get('exclude'))
-  distillation = config.get('distill')
-  teacher, loss_fn = None, step_lib.cross_entropy_loss
-  unlabeled = config.data.get('unlabeled')
-  if unlabeled and unlabeled.name and not (distillation and distillation.teacher):
-    raise UserError(f'data.unlabeled adds texts without labels ({unlabeled.name}), which only a teacher can '
-                    'label: set config.distill.teacher to a trained run, or data.unlabeled.name to None')
-  if unlabeled and unlabeled.name and not data.is_text(config.data.name):
-    raise UserError(f'data.unlabeled works with text datasets; {config.data.name!r} is an image dataset')
-  if distillation and distillation.teacher:  # the teacher's logits become a batch feature before each step
-    if os.path.abspath(distillation.teacher).startswith(os.path.join(os.path.abspath(workdir), '')):
-      raise UserError(f'config.distill.teacher {distillation.teacher} is inside this run\'s --workdir: a teacher '
-                      'is a finished run of its own; give its work directory')
-    loss_fn = distill.make_loss(distillation.weight, distillation.temperature)
-    teacher = components.build_teacher(distillation.teacher, model)
-    teacher_variables = sharding.put_replicated((teacher.params, teacher.model_state), mesh)
-    teacher_logits = step_lib.jit_logits_fn(step_lib.make_logits_fn(teacher.apply_fn), mesh)
-    logging.info('distilling from %s', teacher.source)
+  pruner = components.build_pruner(config, abstract_params)
+  teacher = components.build_teacher_hook(config, model, mesh, workdir)
+  hooks = [hook for hook in (pruner, teacher) if hook is not None]
+  loss_fn = step_lib.cross_entropy_loss
+  if teacher is not None:
+    loss_fn = distill.make_loss(config.distill.weight, config.distill.temperature)
+  prunable = pruner.prunable if pruner else None
 
-  replicated = sharding.replicated(mesh)
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), **config.checkpoint)
+  make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, train_rng)
+  abstract_state = lambda tx: jax.eval_shape(lambda rng: make_state(*model.init_variables(rng), tx), init_rng)
+
+  def compile_stage(stage: stages_lib.Stage) -> stages_lib.CompiledStage:
+    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, prunable)
+    state_sharding = sharding.state_sharding(mesh, abstract_state(tx), param_specs)
+    if backend == 'pmap':
+      train_step = step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn, pmap_backend.AXIS)
+      return stages_lib.CompiledStage(stage, tx, state_sharding, pmap_backend.pmap_train_step(train_step, mesh))
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn), mesh,
+                                         state_sharding)
+    return stages_lib.CompiledStage(stage, tx, state_sharding, train_step)
+
+  checkpoints = Checkpoints(workdir / 'checkpoints', **config.checkpoint)
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
   resume_step = checkpoints.latest_step()
-  stage = stages_lib.stage_of_step(stages, resume_step or 0)
-  tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, prunable)
-  make_state = lambda params, model_state: create_train_state(params, model_state, tx, train_rng)
+  runner = stages_lib.StageRunner(stages, compile_stage, resume_step or 0)
+  state_sharding = runner.current.state_sharding
   if resume_step is None:
-    params, model_state = jax.jit(init_variables)(init_rng)
-    if config.init:
-      loaded, source = init_lib.load_params(config.init)
-      params = init_lib.merge_params(params, loaded, config.init_skip, source)
-      logging.info('initialised from %s, except %s', source, config.init_skip)
-    state = jax.jit(make_state, out_shardings=replicated)(params, model_state)
+    state = init_state(config, model, init_rng, make_state, runner.current.tx, state_sharding)
   else:
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                  jax.eval_shape(lambda rng: make_state(*init_variables(rng)), init_rng))
-    state, data_state = checkpoints.restore(resume_step, abstract_state)
+    target = sharding.abstract(abstract_state(runner.current.tx), state_sharding)  # this run's mesh, whatever saved it
+    state, data_state = checkpoints.restore(resume_step, target)
     train_batches.set_state(data_state)
-    logging.info('resumed from step %d (stage %d)', resume_step, stage.index)
+    logging.info('resumed from step %d (stage %d)', resume_step, runner.current.stage.index)
 
   config_json = json.loads(config.to_json())
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config_json, f, indent=2)
+    (workdir / 'config.json').write_text(json.dumps(config_json, indent=2))
   writer = MetricWriter(workdir, resume_step, enabled=jax.process_index() == 0)
-  compile_train_step = lambda stage, tx: step_lib.jit_train_step(
-      step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn), mesh)
-  train_step = compile_train_step(stage, tx)
-  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(apply_fn, num_classes), mesh)
+  eval_step = step_lib.make_eval_step(apply_fn, model.num_classes)
+  compiled_eval_steps = {}
 
-  set_masks = jax.jit(lambda state, masks: state.replace(
-      params=pruning.apply_masks(state.params, masks), opt_state=pruning.with_new_masks(state.opt_state, masks)),
-      out_shardings=replicated, donate_argnums=0)
-
-  def sparsity():
-    return pruning.sparsity_report(state.params, pruning.masks_of(state.opt_state)) if prunable is not None else {}
-
-  def evaluate(split):
+  def evaluate(split: str, state) -> dict[str, float]:
+    key = jax.tree.structure(state)  # compiled per layout of the state: a stage boundary changes it
+    if key not in compiled_eval_steps:
+      compiled_eval_steps[key] = step_lib.jit_eval_step(eval_step, mesh, runner.current.state_sharding)
     batches = data.eval_batches(config.data, split, config.batch_size, **process)
-    return step_lib.evaluate(eval_step, state, batches, mesh)
+    return step_lib.evaluate(compiled_eval_steps[key], state, batches, mesh)
 
+  # The loop: next batch -> on the mesh -> hooks -> step -> log / evaluate / save.
+  log = metric_writer.TrainLog()
   first_step = int(state.step) + 1
-  pending, window_start = [], time.perf_counter()
   bar = tqdm.tqdm(range(first_step, config.total_steps + 1), initial=first_step - 1, total=config.total_steps,
                   unit='step', mininterval=1.0, disable=jax.process_index() != 0)
   for step in bar:
-    if step > stage.last_step:  # the next stage: its rules, its schedule; moments kept where training goes on
-      stage = stages[stage.index + 1]
-      tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, prunable)
-      carry = lambda state, tx=tx: state.replace(opt_state=optim.carry_over(state.opt_state, tx.init(state.params)))
-      state = jax.jit(carry, out_shardings=replicated, donate_argnums=0)(state)
-      train_step = compile_train_step(stage, tx)
-      logging.info('stage %d from step %d', stage.index, step)
-    if prunable is not None and pruning.is_update_step(step, **prune_schedule):  # masks change only on schedule
-      target = pruning.sparsity_at(step, prune.sparsity, **prune_schedule)
-      state = set_masks(state, pruning.compute_masks(state.params, prunable, target, prune.scope, prune.structure))
+    state = runner.before_step(step, state)
+    for hook in hooks:
+      state = hook.before_step(step, state)
     batch = sharding.put_batch(next(train_batches), mesh)
-    if teacher is not None:
-      batch[distill.TEACHER_LOGITS] = teacher_logits(*teacher_variables, batch)
-    state, metrics = train_step(state, batch)
-    pending.append(metrics)
+    for hook in hooks:
+      batch = hook.on_batch(batch)
+    state, metrics = runner.train_step(state, batch)
+    log.add(metrics)
     last = step == config.total_steps
     if step % config.log_every == 0 or last:
-      means = {k: float(v) for k, v in jax.tree.map(lambda *x: np.mean(x), *jax.device_get(pending)).items()}
-      means['steps_per_sec'] = len(pending) / (time.perf_counter() - window_start)
-      means.update(sparsity())
-      writer.write(step, 'train', means)
+      means = log.flush()
+      writer.write(step, 'train', {**means, **{k: v for hook in hooks for k, v in hook.report(state).items()}})
       bar.set_postfix(loss=f"{means['loss']:.4f}")
-      pending, window_start = [], time.perf_counter()
     validation = None
     if config.data.validation_split and (step % config.eval_every == 0 or last):
-      validation = evaluate(config.data.validation_split)
+      validation = evaluate(config.data.validation_split, state)
       writer.write(step, 'validation', validation)
     if step % config.checkpoint_every == 0 or last:
       checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation)
-    if not pending:  # steps_per_sec counts training alone, not the evaluations and saves between windows
-      window_start = time.perf_counter()
+    log.resume_clock()  # steps_per_sec counts training alone, not the evaluations and saves
   bar.close()
   checkpoints.wait()
 
-  overall = {k: v for k, v in sparsity().items() if k in ('sparsity/all', 'sparsity/prunable')}
-  test = {**evaluate(config.data.test_split), **overall}
+  test = evaluate(config.data.test_split, state)
+  test.update({k: v for hook in hooks for k, v in hook.summary(state).items()})
   writer.write(int(state.step), 'test', test)
   checkpoints.close()
   writer.close()
   return test
 
 
+def init_state(config: ml_collections.ConfigDict, model: components.Model, init_rng: jax.Array, make_state,
+               tx, state_sharding) -> TrainState:
+  """The fresh train state, created sharded: the model's initialisation, with `config.init`'s parameters put
+  straight onto their shardings (each device receives only its slices)."""
+  params_sharding, model_state_sharding = state_sharding.params, state_sharding.model_state
+  params, model_state = jax.jit(model.init_variables, out_shardings=(params_sharding, model_state_sharding))(init_rng)
+  if config.init:
+    loaded, source = init_lib.load_params(config.init)
+    params = sharding.put(init_lib.merge_params(params, loaded, config.init_skip, source), params_sharding)
+    logging.info('initialised from %s, except %s', source, config.init_skip)
+  return jax.jit(lambda params, model_state: make_state(params, model_state, tx),
+                 in_shardings=(params_sharding, model_state_sharding), out_shardings=state_sharding,
+                 donate_argnums=(0, 1))(params, model_state)
+
+
 def _fail(message: str) -> None:
   print(f'jft: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  distributed.exit_process(2)  # a lone failing process of a multi-host run must not wait for the others
 
 
 def main() -> None:
@@ -186,14 +174,14 @@ def main() -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail('both --config=configs/NAME.py[:ARG] and --workdir=DIR are required')
   logging.use_absl_handler()
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  os.makedirs(_WORKDIR.value, exist_ok=True)
   try:
+    distributed.initialize_from_flags()  # before anything asks jax about devices
+    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
     test = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     _fail(str(e))
-  print(json.dumps({'split': 'test', **{k: v for k, v in test.items() if k != 'confusion_matrix'}}))
+  if jax.process_index() == 0:
+    print(json.dumps({'split': 'test', **{k: v for k, v in test.items() if k != 'confusion_matrix'}}))
 
 
 if __name__ == '__main__':

@@ -2,44 +2,54 @@
 
 import json
 import os
+import time
 from typing import Any
 
+import jax
+import numpy as np
 import tensorboardX
+from etils import epath
 
 
 class MetricWriter:
   """Appends `{'step', 'split', **metrics}` lines and scalars; on resume, forgets lines of the lost steps.
 
-  Only one process of a multi-host run writes (`enabled`); the others' writes do nothing.
+  Only one process of a multi-host run writes (`enabled`); the others' writes do nothing. The work directory
+  may be local or remote (`gs://...`, through etils.epath); a remote file cannot be appended to, so there
+  the whole file is rewritten on each write (it holds a line per log step).
   """
 
-  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    if os.path.exists(self.path):
-      self._keep_lines_up_to(resume_step or 0)
-    self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self.local = '://' not in str(self.path)
+    self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+    self._keep_lines_up_to(resume_step or 0)
+    self.tensorboard = tensorboardX.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def _keep_lines_up_to(self, step: int) -> None:
     # Lines past the restored checkpoint belong to progress the restart recomputes; the final test line
     # is always recomputed.
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
-    kept = [line for line in lines
-            if json.loads(line)['step'] <= step and json.loads(line)['split'] != 'test']
-    if len(kept) != len(lines):
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+    lines = [line for line in self.lines if line.strip()]
+    kept = [line for line in lines if json.loads(line)['step'] <= step and json.loads(line)['split'] != 'test']
+    if len(kept) != len(self.lines):
+      tmp = self.path.parent / (self.path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self.path)
+    self.lines = kept
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+    line = json.dumps({'step': step, 'split': split, **metrics}) + '\n'
+    self.lines.append(line)
+    if self.local:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      self.path.write_text(''.join(self.lines))
     for name, value in metrics.items():
       if isinstance(value, (int, float)):
         self.tensorboard.add_scalar(f'{split}/{name}', value, step)
@@ -49,3 +59,25 @@ class MetricWriter:
     if not self.enabled:
       return
     self.tensorboard.close()
+
+
+class TrainLog:
+  """The train metrics between two log lines: their means, and the steps per second of training alone."""
+
+  def __init__(self):
+    self.pending, self.start = [], time.perf_counter()
+
+  def add(self, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append(metrics)
+
+  def flush(self) -> dict[str, float]:
+    """The means of the metrics added since the last flush, and `steps_per_sec`."""
+    means = {k: float(v) for k, v in jax.tree.map(lambda *x: np.mean(x), *jax.device_get(self.pending)).items()}
+    means['steps_per_sec'] = len(self.pending) / (time.perf_counter() - self.start)
+    self.pending = []
+    return means
+
+  def resume_clock(self) -> None:
+    """After a flush, restarts the clock, so the evaluations and saves since are not counted."""
+    if not self.pending:
+      self.start = time.perf_counter()

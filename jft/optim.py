@@ -5,7 +5,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -15,6 +14,9 @@ from jft.errors import UserError
 PyTree = Any
 SCHEDULES = ('cosine', 'linear', 'constant')
 FIRST_GROUP = 'stage_0'  # the optimizer group of parameters that train from the first stage on
+# Where a group's moments and count sit in the state of the per-group `optax.partition`; the freeze partition
+# (`inner_states/train/`), accumulated gradients and the schedule's count lie outside it.
+GROUP_STATE = re.compile(r'(^|/)inner_states/stage_\d+/')
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -49,28 +51,12 @@ def scale_by_mults(mults: Callable[[PyTree], PyTree]) -> optax.GradientTransform
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def freeze(inner: optax.GradientTransformation, trainable: PyTree) -> optax.GradientTransformation:
-  """Frozen parameters (`trainable` False) get zero updates and no state; `inner` sees only the trainable ones.
-
-  The same as `optax.partition({'train': inner, 'frozen': optax.set_to_zero()}, labels)`, with the trainable
-  view written as a tree with None holes, the form the train step differentiates.
-  """
-
-  def init(params):
-    return inner.init(rules.split_trainable(params, trainable)[0])
-
-  def update(updates, state, params=None):
-    updates_view, frozen = rules.split_trainable(updates, trainable)
-    params_view = None if params is None else rules.split_trainable(params, trainable)[0]
-    updates_view, state = inner.update(updates_view, state, params_view)
-    return rules.merge_trainable(updates_view, jax.tree.map(jnp.zeros_like, frozen)), state
-
-  return optax.GradientTransformation(init, update)
-
-
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: rules.ParamLabels | None = None,
                    prunable: PyTree | None = None) -> optax.GradientTransformation:
   """[prune](freeze(accumulate(clip -> per-group AdamW or SGD with momentum -> schedule -> lr multipliers))).
+
+  Freezing is `optax.selective_transform`: frozen parameters get zero updates and no optimizer state, and the
+  optimizer inside sees only the trainable ones (the others are `optax.MaskedNode` holes).
 
   Weight decay applies where `labels.decay`; each group of `labels.group` (the stage since which its
   parameters train) has its own moments and step count. Without `labels` every parameter trains, in one
@@ -106,7 +92,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: r
   if optim.get('accumulate_steps', 1) > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps).gradient_transformation()
   if labels is not None:
-    tx = freeze(tx, labels.trainable)
+    tx = optax.transforms.selective_transform(tx, freeze_mask=jax.tree.map(lambda t: not t, labels.trainable))
   if prunable is not None:
     tx = pruning.masked_by(tx, prunable)
   return tx
@@ -115,11 +101,11 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: r
 def carry_over(old_opt_state: optax.OptState, new_opt_state: optax.OptState) -> optax.OptState:
   """`new_opt_state` (of the next stage's optimizer) with the pruning masks and the moments and counts of every
   group that both stages share copied from `old_opt_state`; new groups start fresh, and so does the schedule."""
-  old = {tree_paths.path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(old_opt_state)[0]}
+  old = tree_paths.flatten(old_opt_state)
 
   def carry(path, leaf):
     name = tree_paths.path_str(path)
-    carried = '/inner_states/' in f'/{name}/' or name.startswith('masks/')
+    carried = GROUP_STATE.search(name) or name.startswith('masks/')
     kept = carried and name in old and old[name].shape == leaf.shape
     return old[name] if kept else leaf
 

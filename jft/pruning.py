@@ -296,26 +296,25 @@ def masked_by(inner: optax.GradientTransformation, prunable_tree: PyTree) -> opt
   return optax.GradientTransformation(init, update)
 
 
-def _is_prune_state(x: Any) -> bool:
-  return isinstance(x, PruneState)
+def _in_prune_state(path: tuple, _: Any) -> bool:
+  """Whether `path` (an `optax.tree` key path) ends at a field of a `PruneState`, not at a parameter named 'masks'."""
+  return getattr(path[-1], 'tuple_name', None) == PruneState.__name__
 
 
 def masks_of(opt_state: optax.OptState) -> PyTree:
   """The masks held in `opt_state`, the state of an optimizer with one `masked_by` in it."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_prune_state) if _is_prune_state(s)]
-  if len(found) != 1:
-    raise ValueError(f'expected one PruneState in the optimizer state, found {len(found)}: build the optimizer '
-                     'with pruning.masked_by')
-  return found[0].masks
+  masks = optax.tree.get(opt_state, 'masks', filtering=_in_prune_state)
+  if masks is None:
+    raise ValueError('found no PruneState in the optimizer state: build the optimizer with pruning.masked_by')
+  return masks
 
 
 def with_new_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
-  """`opt_state` with `masks` in its `PruneState` (a NamedTuple, so this is its `_replace(masks=masks)`)."""
+  """`opt_state` with `masks` in its `PruneState`."""
   if jax.tree.structure(masks_of(opt_state)) != jax.tree.structure(masks):
     raise ValueError('the new masks are not shaped like those in the optimizer state; make them with '
                      'compute_masks from the same params and prunable tree')
-  replace = lambda s: s._replace(masks=masks) if _is_prune_state(s) else s
-  return jax.tree.map(replace, opt_state, is_leaf=_is_prune_state)
+  return optax.tree.set(opt_state, _in_prune_state, masks=masks)
 
 
 def sparsity_report(params: PyTree, masks: PyTree) -> dict[str, float]:

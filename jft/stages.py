@@ -9,12 +9,15 @@ Without `config.stages` the run is one stage with the top-level `freeze`, `lr_mu
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
+import optax
+from absl import logging
 
-from jft import rules, tree_paths
+from jft import optim, rules, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -94,3 +97,39 @@ def stage_of_step(stages: list[Stage], step: int) -> Stage:
     if step <= stage.last_step:
       return stage
   return stages[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStage:
+  """A stage with its optimizer, the sharding of a train state under that optimizer, and its compiled train step."""
+
+  stage: Stage
+  tx: optax.GradientTransformation
+  state_sharding: Any
+  train_step: Callable
+
+
+class StageRunner:
+  """The stage at hand during a run: its compiled step, and at each boundary the carry-over into the next stage.
+
+  `compile_stage(stage)` builds a stage's optimizer, state sharding and jitted step. At a boundary the optimizer
+  state is rebuilt for the next stage with moments carried over where training goes on (`optim.carry_over`), in
+  one jitted function from the old stage's state sharding to the new one's, the old state donated.
+  """
+
+  def __init__(self, stages: list[Stage], compile_stage: Callable[[Stage], CompiledStage], last_done_step: int = 0):
+    self.stages, self.compile_stage = stages, compile_stage
+    self.current = compile_stage(stage_of_step(stages, last_done_step))
+
+  def before_step(self, step: int, state: Any) -> Any:
+    """`state`, moved into the stage of `step` if a boundary lies before it."""
+    if step <= self.current.stage.last_step:
+      return state
+    previous, self.current = self.current, self.compile_stage(self.stages[self.current.stage.index + 1])
+    carry = lambda state: state.replace(opt_state=optim.carry_over(state.opt_state, self.current.tx.init(state.params)))
+    logging.info('stage %d from step %d', self.current.stage.index, step)
+    return jax.jit(carry, in_shardings=(previous.state_sharding,), out_shardings=self.current.state_sharding,
+                   donate_argnums=0)(state)
+
+  def train_step(self, state: Any, batch: Any) -> Any:
+    return self.current.train_step(state, batch)

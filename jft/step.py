@@ -30,17 +30,29 @@ def model_inputs(batch: Batch) -> Batch:
 
 
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainable: Any = None,
-                    loss_fn: LossFn = cross_entropy_loss) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    loss_fn: LossFn = cross_entropy_loss,
+                    axis_name: str | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`train_step(state, batch) -> (state, metrics)`: `loss_fn(logits, batch)`, one optimizer update.
 
   The loss defaults to softmax cross-entropy; `distill.make_loss` adds a teacher's soft targets.
 
   `trainable` (a tree of bools shaped like the params; None: all) says which parameters are differentiated:
   the backward pass stops at the lowest trainable parameter, and frozen ones are carried over untouched.
+
+  `axis_name`: the step runs on one device's part of the batch under `jax.pmap` over that axis; gradients,
+  model state (BatchNorm statistics) and metrics are averaged over it, and each device draws its own dropout.
+  Under `jax.jit` (None) the step sees the global batch and the compiler places the collectives.
   """
+  def mean_over_devices(tree):
+    if axis_name is None:
+      return tree
+    mean = lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(mean, tree)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     mask = jax.tree.map(lambda _: True, state.params) if trainable is None else trainable
     trainable_params, frozen_params = rules.split_trainable(state.params, mask)
 
@@ -50,19 +62,20 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainab
       return loss_fn(logits, batch), (logits, model_state)
 
     (loss, (logits, model_state)), trainable_grads = jax.value_and_grad(objective, has_aux=True)(trainable_params)
+    trainable_grads, model_state = mean_over_devices((trainable_grads, model_state))
     # Frozen parameters get zero gradients, which the optimizer's freezing discards (XLA removes them).
     grads = rules.merge_trainable(trainable_grads, jax.tree.map(jnp.zeros_like, frozen_params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     trainable_params = optax.apply_updates(trainable_params, rules.split_trainable(updates, mask)[0])
     params = rules.merge_trainable(trainable_params, frozen_params)  # frozen: the very same arrays
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
-    return new_state, {
+    return new_state, mean_over_devices({
         'loss': loss,
         # Over the labelled examples: a label of -1 marks a text only a teacher labels (jft/distill.py).
         'accuracy': jnp.sum((jnp.argmax(logits, -1) == batch['label']) & (batch['label'] >= 0))
                     / jnp.maximum(jnp.sum(batch['label'] >= 0), 1),
         'grad_norm': optax.tree.norm(trainable_grads),
-    }
+    })
 
   return train_step
 
@@ -86,22 +99,31 @@ def make_logits_fn(apply_fn: ApplyFn) -> Callable[[Any, Any, Batch], jax.Array]:
   return logits
 
 
-def jit_logits_fn(logits_fn: Callable, mesh: Mesh) -> Callable[[Any, Any, Batch], jax.Array]:
-  """Compiles `logits_fn`: variables replicated, batch and logits split over the mesh."""
+def jit_logits_fn(logits_fn: Callable, mesh: Mesh, variables_sharding: tuple[Any, Any] | None = None
+                  ) -> Callable[[Any, Any, Batch], jax.Array]:
+  """Compiles `logits_fn`: (params, model_state) laid out by `variables_sharding` (default replicated), the batch
+  and the logits split over the mesh's batch axes."""
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  return jax.jit(logits_fn, in_shardings=(replicated, replicated, batch_sharded), out_shardings=batch_sharded)
+  params_sharding, model_state_sharding = variables_sharding or (replicated, replicated)
+  return jax.jit(logits_fn, in_shardings=(params_sharding, model_state_sharding, batch_sharded),
+                 out_shardings=batch_sharded)
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Compiles the step once: state replicated and donated, batch split over the mesh, metrics replicated."""
+def jit_train_step(train_step: Callable, mesh: Mesh,
+                   state_sharding: Any = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Compiles the step once: the state laid out by `state_sharding` (default replicated) and donated, the batch
+  split over the mesh's batch axes, the metrics replicated."""
   replicated = sharding.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, sharding.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  state_sharding = replicated if state_sharding is None else state_sharding
+  return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
-def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable[[TrainState, Batch], Metrics]:
+def jit_eval_step(eval_step: Callable, mesh: Mesh,
+                  state_sharding: Any = None) -> Callable[[TrainState, Batch], Metrics]:
   replicated = sharding.replicated(mesh)
-  return jax.jit(eval_step, in_shardings=(replicated, sharding.batch_sharded(mesh)), out_shardings=replicated)
+  state_sharding = replicated if state_sharding is None else state_sharding
+  return jax.jit(eval_step, in_shardings=(state_sharding, sharding.batch_sharded(mesh)), out_shardings=replicated)
 
 
 def evaluate(eval_step: Callable[[TrainState, Batch], Metrics], state: TrainState, batches: Any,

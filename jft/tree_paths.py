@@ -4,25 +4,23 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 PyTree = Any
 
 
 def path_str(key_path: tuple) -> str:
   """'/'-joined names of a jax key path (dict keys, attribute names and sequence indices)."""
-  parts = []
-  for key in key_path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
+  return jax.tree_util.keystr(key_path, simple=True, separator='/')
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
-  """{path: leaf} in the tree's order."""
+  """{path: leaf} in the tree's order.
+
+  Not `flax.traverse_util.flatten_dict`, which sees only dicts and keeps None leaves: optimizer states
+  (NamedTuples, tuples; `optim.carry_over`) are flattened here too, and the None holes of masks must drop out
+  (`pruning.sparsity_report`; tests/test_rules.py and tests/test_pruning.py fail with it).
+  """
   return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -39,14 +37,7 @@ def shape_mismatches(expected: PyTree, found: PyTree) -> list[str]:
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split('/')
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[name] = leaf
-  return tree
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def tree_bytes(tree: PyTree) -> int:

@@ -103,3 +103,25 @@ def test_masks_survive_a_checkpoint_round_trip(tmp_path):
   assert restored_masks['dense']['kernel'].dtype == bool and restored_masks['dense']['bias'] is None
   np.testing.assert_array_equal(restored_masks['dense']['kernel'], masks['dense']['kernel'])
   assert int(np.sum(~np.asarray(restored_masks['dense']['kernel']))) == 6  # |w| = 0, 1, 1, 2, 2, 3 pruned
+
+
+def test_export_reads_params_and_the_pruned_masks_and_names_a_missing_step(tmp_path):
+  params = {'dense': {'kernel': jnp.arange(12.0).reshape(3, 4) - 5, 'bias': jnp.ones(4)}}
+  prunable = pruning.prunable(params)
+  tx = pruning.masked_by(optim.make_optimizer(ml_collections.ConfigDict(dict(
+      name='sgd', lr=0.1, weight_decay=0.0, warmup_steps=0, schedule='constant')), 10), prunable)
+  state = create_train_state(params, {}, tx, jax.random.PRNGKey(0))
+  masks = pruning.compute_masks(state.params, prunable, 0.5)
+  checkpoints = Checkpoints(str(tmp_path / 'run' / 'checkpoints'))
+  checkpoints.save(state.replace(step=jnp.asarray(4, jnp.int32), opt_state=pruning.with_new_masks(state.opt_state,
+                                                                                                  masks)), {}, {})
+  checkpoints.close()
+  flat_params, flat_masks = export.read_params_and_masks(str(tmp_path / 'run'))
+  assert set(flat_params) == {'dense/kernel', 'dense/bias'} and set(flat_masks) == {'dense/kernel'}
+  np.testing.assert_array_equal(flat_masks['dense/kernel'], masks['dense']['kernel'])
+  for workdir, step, message in ((tmp_path / 'run', 3, 'no checkpoint at step 3 (steps: 4)'),
+                                 (tmp_path / 'none', None, 'has no checkpoint; give the work directory')):
+    result = subprocess.run([sys.executable, '-m', 'jft.export', f'--workdir={workdir}', f'--out={tmp_path}/x',
+                             *([f'--step={step}'] if step else [])], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr

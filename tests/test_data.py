@@ -49,6 +49,23 @@ def _batch_ids(ids, batch):
   return [ids[np.rint(image * 255).astype(np.uint8).tobytes()] for image in batch['image']]
 
 
+def _assert_batches_equal(want, got):
+  assert len(want) == len(got)
+  for want_batch, got_batch in zip(want, got, strict=True):
+    assert set(want_batch) == set(got_batch)
+    for key in want_batch:
+      np.testing.assert_array_equal(got_batch[key], want_batch[key])
+
+
+def _rows(batches, rows):
+  return [{key: value[rows] for key, value in batch.items()} for batch in batches]
+
+
+def _concat(per_host):
+  return [{key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+          for batches in zip(*per_host, strict=True)]
+
+
 def test_fashion_matches_idx_files(data_dir):
   train = data.data_source('fashion', 'train', data_dir)
   test = data.data_source('fashion', 'test', data_dir)
@@ -95,6 +112,8 @@ def test_user_errors_name_the_fix(data_dir):
     data.data_source('fashion', 'validation', data_dir)
   with pytest.raises(UserError, match='multiple of 3'):
     data.train_iterator(_config(data_dir), 128, seed=0, process_count=3)
+  with pytest.raises(UserError, match='50 training examples, fewer than one batch of 64'):
+    data.train_iterator(_config(data_dir, train_split='train[:50]'), 64, seed=0)
   with pytest.raises(UserError, match="'rotate'.*'crop', 'flip', 'shift'"):
     data.train_iterator(_config(data_dir, augment=('flip', 'rotate')), 8, seed=0)
 
@@ -129,13 +148,11 @@ def test_eval_batches_cover_split_in_order_with_padding(data_dir):
 
 def test_eval_batches_over_hosts(data_dir):
   config = _config(data_dir, name='digits')
+  one = list(data.eval_batches(config, 'test', 66))
   per_host = [list(data.eval_batches(config, 'test', 66, i, 3)) for i in range(3)]
   assert [len(batches) for batches in per_host] == [6, 6, 6]  # ceil(360 / 66): hosts must step together.
-  labels = [np.concatenate([b['label'][b['mask']] for b in batches]) for batches in per_host]
-  assert sum(len(x) for x in labels) == 360
-  # Global batch j is the concatenation of the hosts' batch j.
-  together = np.concatenate([np.concatenate([per_host[h][j]['label'][per_host[h][j]['mask']]
-                                             for h in range(3)]) for j in range(6)])
+  _assert_batches_equal(one, _concat(per_host))  # Global batch j is the concatenation of the hosts' batch j.
+  together = np.concatenate([batch['label'][batch['mask']] for batch in one])
   np.testing.assert_array_equal(together, datasets.load_digits().target[::5])
 
 
@@ -153,29 +170,64 @@ def test_train_shuffles_each_epoch_and_seed(data_dir):
   assert epoch_0 != epoch_1
 
 
-def test_resume_reproduces_batches_bit_for_bit(data_dir):
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_hosts_rows_make_the_global_batch(data_dir, monkeypatch, process_count):
   config = _config(data_dir, train_split='train[:1000]', augment=('crop', 'flip', 'shift'))
-  iterator = data.train_iterator(config, 100, seed=3)
-  _take(iterator, 8)
+  one = data.train_iterator(config, 96, seed=5)
+  global_batches = _take(one, 12)  # 10 batches an epoch: crosses into the second.
+  plain = _take(data.train_iterator(_config(data_dir, train_split='train[:1000]'), 96, seed=5), 12)
+  assert not np.array_equal(plain[0]['image'], global_batches[0]['image'])  # The augmentation moves images.
+  np.testing.assert_array_equal(plain[0]['label'], global_batches[0]['label'])
+  read = []  # The example indices each host asks its source for.
+
+  class RecordingSource:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitems__(self, indices):
+      read.append(indices)
+      return self.source.__getitems__(indices)
+
+  data_source = data.builders.data_source
+  monkeypatch.setattr(data.builders, 'data_source', lambda *args: RecordingSource(data_source(*args)))
+  per_host, states = [], []
+  for host in range(process_count):
+    read.clear()
+    iterator = data.train_iterator(config, 96, seed=5, process_index=host, process_count=process_count)
+    per_host.append(_take(iterator, 12))
+    states.append(iterator.get_state())
+    assert per_host[-1][0]['image'].shape == (96 // process_count, 28, 28, 1)
+    assert {len(indices) for indices in read} == {96 // process_count}  # Only this host's rows are read.
+  _assert_batches_equal(global_batches, _concat(per_host))
+  assert states == [one.get_state()] * process_count  # The state is the global position alone.
+
+
+def test_resume_reproduces_batches_bit_for_bit_on_any_number_of_hosts(data_dir):
+  config = _config(data_dir, train_split='train[:1000]', augment=('crop', 'flip', 'shift'))
+  iterator = data.train_iterator(config, 96, seed=3)
+  _take(iterator, 7)
   state = json.loads(json.dumps(iterator.get_state()))
   expected = _take(iterator, 5)  # Crosses the end of the first epoch.
-  restored = data.train_iterator(config, 100, seed=3)
+  restored = data.train_iterator(config, 96, seed=3)
   restored.set_state(state)
-  for want, got in zip(expected, _take(restored, 5), strict=True):
-    for key in ('image', 'label'):
-      np.testing.assert_array_equal(got[key], want[key])
+  _assert_batches_equal(expected, _take(restored, 5))
+  second_of_two = data.train_iterator(config, 96, seed=3, process_index=1, process_count=2)
+  second_of_two.set_state(state)  # 1 host -> 2 hosts: host 1 goes on with rows 48..95.
+  _assert_batches_equal(_rows(expected, slice(48, 96)), _take(second_of_two, 5))
+  back_to_one = data.train_iterator(config, 96, seed=3)
+  back_to_one.set_state(json.loads(json.dumps(second_of_two.get_state())))  # 2 hosts -> 1 host.
+  _assert_batches_equal(_take(iterator, 3), _take(back_to_one, 3))
 
 
-def test_hosts_read_disjoint_shards(data_dir):
-  ids = _fashion_ids(data_dir)
-  config = _config(data_dir, train_split='train[:1000]')
-  seen = []
-  for host in range(2):
-    batches = _take(data.train_iterator(config, 200, seed=0, process_index=host, process_count=2), 5)
-    assert batches[0]['image'].shape == (100, 28, 28, 1)
-    seen.append(set(sum((_batch_ids(ids, b) for b in batches), [])))
-  assert len(seen[0]) == len(seen[1]) == 500
-  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(1000))
+def test_augmenting_rows_of_a_batch_augments_them_as_the_whole_batch():
+  augment = data.make_augment(('crop', 'flip', 'shift'), crop_padding=3, max_shift=2)
+  images = np.random.default_rng(1).random((12, 9, 9, 1), np.float32)
+  whole = augment(images, np.random.default_rng(0))
+  for rows in (slice(0, 4), slice(4, 8), slice(8, 12)):
+    np.testing.assert_array_equal(augment(images[rows], np.random.default_rng(0), rows, 12), whole[rows])
 
 
 def test_digits_resized_for_fashion_models(data_dir):

@@ -1,5 +1,9 @@
 """Initial parameters from a source: merged by path, `init_skip` kept fresh, every misfit named."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +11,7 @@ import optax
 import pytest
 
 from jft import init as init_lib
-from jft import pretrained
+from jft import pretrained, pruning
 from jft.checkpoint import Checkpoints
 from jft.errors import UserError
 from jft.state import create_train_state
@@ -69,3 +73,73 @@ def test_loads_a_hugging_face_directory(tmp_path):
   assert description == 'pretrained tests/fixtures/bert_small'
   with pytest.raises(UserError, match='neither a registered pretrained model'):
     init_lib.load_params(str(tmp_path))
+
+
+def pruned_run(workdir):
+  """A run saved at steps 3 and 8 with BatchNorm-like model state and pruning masks (the dense kernel's)."""
+  params = {'dense': {'kernel': jnp.arange(6.0).reshape(2, 3) - 2, 'bias': jnp.ones(3)}}
+  tx = pruning.masked_by(optax.adam(1e-3), {'dense': {'kernel': True, 'bias': False}})
+  state = create_train_state(params, {'batch_stats': {'mean': jnp.full(3, 0.5)}}, tx, jax.random.PRNGKey(0))
+  checkpoints = Checkpoints(str(workdir / 'checkpoints'))
+  for step in (3, 8):
+    masks = pruning.compute_masks(state.params, {'dense': {'kernel': True, 'bias': False}}, step / 10)
+    checkpoints.save(state.replace(step=jnp.asarray(step, jnp.int32),
+                                   opt_state=pruning.with_new_masks(state.opt_state, masks)), {}, {'seed': step})
+  checkpoints.close()
+  return params
+
+
+def test_read_run_gives_each_part_as_host_arrays_with_the_config(tmp_path):
+  params = pruned_run(tmp_path)
+  run = init_lib.read_run(str(tmp_path))  # the latest step
+  assert (run.step, run.config, run.state_dir.name, run.state_dir.parent.name) == (8, {'seed': 8}, 'state', '8')
+  assert isinstance(run.params['dense']['kernel'], np.ndarray)
+  np.testing.assert_array_equal(run.params['dense']['kernel'], params['dense']['kernel'])
+  np.testing.assert_array_equal(run.model_state['batch_stats']['mean'], np.full(3, 0.5))
+  assert run.masks['dense']['bias'] is None and int(np.sum(~run.masks['dense']['kernel'])) == 4  # floor(0.8 * 6)
+  third = init_lib.read_run(str(tmp_path / 'checkpoints'), items=('masks',), step=3)
+  assert third.params is None and third.model_state is None and third.config == {'seed': 3}
+  assert int(np.sum(~third.masks['dense']['kernel'])) == 1  # floor(0.3 * 6)
+  with pytest.raises(UserError, match='no checkpoint at step 5 .steps: 3, 8.'):
+    init_lib.read_run(str(tmp_path), step=5)
+  assert init_lib.read_run(str(tmp_path / 'elsewhere')) is None
+  assert init_lib.read_run('tests/fixtures/bert_small') is None
+
+
+def test_read_run_of_a_run_without_model_state_or_masks(tmp_path):
+  state = create_train_state({'w': jnp.ones(2)}, {}, optax.sgd(1.0), jax.random.PRNGKey(0))
+  checkpoints = Checkpoints(str(tmp_path / 'checkpoints'))
+  checkpoints.save(state, {}, {})
+  checkpoints.close()
+  run = init_lib.read_run(str(tmp_path / 'checkpoints' / '0'))
+  assert run.model_state == {} and run.masks is None
+  np.testing.assert_array_equal(run.params['w'], np.ones(2))
+
+
+SAVE_ON_EIGHT_DEVICES = """
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jft import pruning
+from jft.checkpoint import Checkpoints
+from jft.state import create_train_state
+mesh = Mesh(np.array(jax.devices()), ('fsdp',))
+kernel = jax.device_put(jnp.arange(64.0).reshape(16, 4), NamedSharding(mesh, PartitionSpec('fsdp')))
+tx = pruning.masked_by(optax.adam(1e-3), {'kernel': True})
+state = create_train_state({'kernel': kernel}, {}, tx, jax.random.PRNGKey(0))
+assert len(state.opt_state.masks['kernel'].sharding.device_set) == 8
+checkpoints = Checkpoints(sys.argv[1])
+checkpoints.save(state, {}, {'mesh': 'fsdp=8'})
+checkpoints.close()
+"""
+
+
+def test_read_run_of_a_run_saved_on_another_mesh(tmp_path):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-c', SAVE_ON_EIGHT_DEVICES, str(tmp_path / 'checkpoints')], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  run = init_lib.read_run(str(tmp_path))  # this process: its own devices, host arrays back
+  assert run.config == {'mesh': 'fsdp=8'} and isinstance(run.params['kernel'], np.ndarray)
+  np.testing.assert_array_equal(run.params['kernel'], np.arange(64.0).reshape(16, 4))
+  assert run.masks['kernel'].dtype == bool and run.masks['kernel'].all()

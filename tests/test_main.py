@@ -156,13 +156,28 @@ def test_inspect_prints_each_parameter_and_the_totals(data_dir):
              "--config.freeze=('conv_.*',)", f'--config.data.data_dir={data_dir}']
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if '/' in line.split(' ')[0]}
-  assert rows['conv_1/kernel'][-3:] == ['frozen', '-', '-']
-  assert rows['hidden/kernel'][-3:] == ['train', '1', 'yes'] and rows['hidden/bias'][-1] == 'no'
+  rows = {line.split()[0]: [cell.split() for cell in line.split(' | ')] for line in result.stdout.splitlines()
+          if '/' in line.split(' ')[0]}
+  assert rows['conv_1/kernel'][1] == ['frozen', '-', '-'] and rows['conv_1/kernel'][-1] == ['P()']
+  assert rows['hidden/kernel'][1] == ['train', '1', 'yes'] and rows['hidden/bias'][1][-1] == 'no'
   # conv_0: 3*3*1*32 + 32, conv_1: 3*3*32*64 + 64; hidden: 3136*256 + 256, head: 256*10 + 10
   assert 'trainable 805,642 (97.7%), frozen 18,816' in result.stdout
   opt_bytes = int(result.stdout.split('optimizer state ')[1].split(' bytes')[0].replace(',', ''))
   assert 2 * 4 * 805_642 <= opt_bytes < 2 * 4 * 805_642 + 64  # AdamW's two moments, only for trainable ones
+
+
+def test_inspect_shows_the_fsdp_layout_for_devices_this_machine_lacks(data_dir):
+  command = [sys.executable, '-m', 'jft.inspect', '--config=configs/digits_cnn.py:quick', '--devices=8',
+             '--config.mesh.fsdp=4', '--config.sharding.min_bytes=4096', f'--config.data.data_dir={data_dir}']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  specs = {line.split()[0]: line.split(' | ')[-1] for line in result.stdout.splitlines() if '/' in line.split(' ')[0]}
+  assert specs['hidden/kernel'] == "P('fsdp',)" and specs['conv_1/kernel'] == "P(None, None, None, 'fsdp')"
+  assert specs['conv_0/kernel'] == 'P()'  # 1 KiB: under min_bytes
+  assert "on the mesh {'data': 2, 'fsdp': 4, 'model': 1}" in result.stdout
+  sharded, replicated = (float(x) for x in result.stdout.split('MiB sharded vs ')[0].split()[-1:] +
+                         result.stdout.split('MiB sharded vs ')[1].split()[:1])
+  assert 0.25 <= sharded / replicated < 0.27  # nearly all of it (the hidden kernel) split 4 ways
 
 
 def test_freeze_pattern_matching_nothing_exits_2_with_the_closest_paths(data_dir, tmp_path):

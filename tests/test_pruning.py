@@ -254,3 +254,14 @@ def test_apply_masks_and_the_sparsity_report_by_hand():
   view = pruning.apply_masks({'a': {'kernel': None, 'bias': jnp.ones(2)}, 'b': params['b']}, masks)  # None holes
   assert view['a']['kernel'] is None
   np.testing.assert_array_equal(view['b']['kernel'], [[0.0, 2.0, 3.0, 4.0]])
+
+
+def test_masks_are_found_in_the_prune_state_not_in_a_parameter_named_masks():
+  params = {'masks': {'kernel': jnp.ones((2, 2))}, 'bias': jnp.ones(2)}
+  tx = pruning.masked_by(optax.adam(1.0), {'masks': {'kernel': True}, 'bias': False})
+  new = {'masks': {'kernel': jnp.array([[T, F], [T, T]])}, 'bias': None}
+  opt_state = pruning.with_new_masks(tx.init(params), new)
+  np.testing.assert_array_equal(pruning.masks_of(opt_state)['masks']['kernel'], new['masks']['kernel'])
+  assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree.leaves(opt_state.inner_state))  # moments untouched
+  with pytest.raises(ValueError, match='no PruneState'):
+    pruning.masks_of(optax.adam(1.0).init(params))

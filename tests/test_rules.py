@@ -1,5 +1,9 @@
 """Rules over parameter paths, freezing, per-parameter learning rates and stages, on small hand-worked trees."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -190,10 +194,12 @@ def test_carry_over_keeps_moments_of_continuing_parameters_and_starts_new_ones_f
   head_mu = [v for k, v in flat.items() if 'stage_0' in k and k.endswith('mu/head/kernel')]
   encoder_mu = [v for k, v in flat.items()
                 if 'stage_1' in k and k.endswith('mu/encoder/layer_0/attention/query/kernel')]
-  counts = {k: int(v) for k, v in flat.items() if k.endswith('/count') and 'inner_states' in k}
+  counts = {k: int(v) for k, v in flat.items() if k.endswith('/count') and optim.GROUP_STATE.search(k)}
   np.testing.assert_allclose(head_mu[0], 1 - 0.9**3, rtol=1e-6)  # three steps of gradient 1
   np.testing.assert_array_equal(encoder_mu[0], 0)
   assert sorted(counts.values()) == [0, 3]  # the encoder's group counts from its own first step
+  schedule_counts = [int(v) for k, v in flat.items() if k.endswith('/count') and not optim.GROUP_STATE.search(k)]
+  assert schedule_counts == [0]  # the next stage's schedule starts from its own warmup
   updates, _ = tx_second.update(grads, carried, params)
   assert np.all(np.asarray(updates['encoder']['layer_0']['attention']['query']['kernel']) != 0)
 
@@ -213,7 +219,8 @@ def test_bad_stages_are_user_errors(change, message):
 
 
 def test_masked_optax_alone_would_move_frozen_leaves():
-  """Why freezing is its own transformation: optax.masked passes the other leaves' gradients through."""
+  """Why freezing is optax.selective_transform, not optax.masked: masked passes the other leaves' gradients
+  through, where selective_transform zeroes them."""
   params = {'a': jnp.ones(2), 'b': jnp.ones(2)}
   updates, _ = optax.masked(optax.sgd(1.0), {'a': True, 'b': False}).update(
       {'a': jnp.ones(2), 'b': jnp.ones(2)}, optax.masked(optax.sgd(1.0), {'a': True, 'b': False}).init(params))
@@ -221,3 +228,13 @@ def test_masked_optax_alone_would_move_frozen_leaves():
   tx = optim.make_optimizer(sgd(), 10, rules.resolve(params, freeze=('b',)))
   frozen_updates, _ = tx.update({'a': jnp.ones(2), 'b': jnp.ones(2)}, tx.init(params), params)
   np.testing.assert_array_equal(frozen_updates['b'], 0)
+
+
+def test_importing_the_rules_loads_no_models_orbax_or_safetensors():
+  heavy = ('[m for m in sys.modules if m.split(".")[0] in ("orbax", "safetensors") or m.startswith("jft.models")]')
+  code = (f'import sys, jft.rules; print({heavy}); '
+          'import jft; from jft import optim, sharding; print(callable(jft.step.make_train_step))')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['[]', 'True']  # and every public module is still an attribute of jft

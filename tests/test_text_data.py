@@ -242,6 +242,22 @@ def test_two_hosts_slices_make_the_global_batch(data_dir, split):
   assert {b['input_ids'].shape[1] for b in hosts[0]} != {128}  # Pad lengths vary, and hosts agree on them.
 
 
+def test_state_is_host_independent_and_resumes_on_another_number_of_hosts(data_dir):
+  config = _config(data_dir, train_split='train[:320]')
+  one = data.train_iterator(config, 32, seed=3)
+  hosts = [data.train_iterator(config, 32, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+  for iterator in (one, *hosts):
+    _take(iterator, 8)
+  state = json.loads(json.dumps(one.get_state()))
+  assert [host.get_state() for host in hosts] == [state, state]  # The global position alone.
+  expected = _take(one, 5)  # Crosses the end of the first epoch.
+  second_of_two = data.train_iterator(config, 32, seed=3, process_index=1, process_count=2)
+  second_of_two.set_state(state)  # 1 host -> 2 hosts: host 1 goes on with rows 16..31.
+  for want, got in zip(expected, _take(second_of_two, 5), strict=True):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key][16:])
+
+
 def test_text_config_errors(data_dir):
   cases = [
       (dict(max_len=200), 'longer than the largest of data.buckets'),

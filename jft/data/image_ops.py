@@ -1,13 +1,24 @@
-"""Batched numpy image preprocessing and augmentation, on float images [B, H, W, C]."""
+"""Batched numpy image preprocessing and augmentation, on float images [B, H, W, C].
+
+A random op may be given only rows `rows` of a batch of `batch_size` (a host's part of a global batch): it draws
+its random numbers for the whole batch and applies those of its rows, so that an example is augmented the same
+however many hosts share its batch.
+"""
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from jft.errors import UserError
 
-Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+class Augment(Protocol):
+  """Augments `images`, rows `rows` of a batch of `batch_size` (None: the images are the whole batch)."""
+
+  def __call__(self, images: np.ndarray, rng: np.random.Generator, rows: slice = ...,
+               batch_size: int | None = ...) -> np.ndarray: ...
 
 
 @functools.cache
@@ -39,22 +50,29 @@ def translate(images_BxHxWxC: np.ndarray, dy_B: np.ndarray, dx_B: np.ndarray) ->
   return padded[batch_B[:, None, None], rows_BxH[:, :, None], cols_BxW[:, None, :]]
 
 
-def random_crop(images: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
+def _draw_size(images: np.ndarray, batch_size: int | None) -> int:
+  return len(images) if batch_size is None else batch_size
+
+
+def random_crop(images: np.ndarray, rng: np.random.Generator, padding: int, rows: slice = slice(None),
+                batch_size: int | None = None) -> np.ndarray:
   """Crops each image at a random place out of the image zero-padded by `padding` on every side."""
   # A crop of the padded image at offset o is the image moved by padding - o.
-  dy, dx = rng.integers(-padding, padding, size=(2, len(images)), endpoint=True)
+  dy, dx = rng.integers(-padding, padding, size=(2, _draw_size(images, batch_size)), endpoint=True)[:, rows]
   return translate(images, dy, dx)
 
 
-def random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+def random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int, rows: slice = slice(None),
+                 batch_size: int | None = None) -> np.ndarray:
   """Moves each image by a random whole number of pixels, at most `max_shift` in each direction."""
-  dy, dx = rng.integers(-max_shift, max_shift, size=(2, len(images)), endpoint=True)
+  dy, dx = rng.integers(-max_shift, max_shift, size=(2, _draw_size(images, batch_size)), endpoint=True)[:, rows]
   return translate(images, dy, dx)
 
 
-def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def random_flip(images: np.ndarray, rng: np.random.Generator, rows: slice = slice(None),
+                batch_size: int | None = None) -> np.ndarray:
   """Mirrors each image left to right with probability 1/2."""
-  flip_B = rng.random(len(images)) < 0.5
+  flip_B = (rng.random(_draw_size(images, batch_size)) < 0.5)[rows]
   return np.where(flip_B[:, None, None, None], images[:, :, ::-1], images)
 
 
@@ -77,9 +95,10 @@ def make_augment(names: Sequence[str], crop_padding: int, max_shift: int) -> Aug
   if not names:
     return None
 
-  def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  def augment(images: np.ndarray, rng: np.random.Generator, rows: slice = slice(None),
+              batch_size: int | None = None) -> np.ndarray:
     for name in names:
-      images = ops[name](images, rng)
+      images = ops[name](images, rng, rows=rows, batch_size=batch_size)
     return images
 
   return augment

@@ -1,5 +1,6 @@
 """Per-host numpy batches of every dataset from its tfds array_record source: images here, text in `text`."""
 
+import functools
 from collections.abc import Callable, Iterator
 
 import grain
@@ -77,30 +78,42 @@ def _train_indices(source, examples_per_class: int | None) -> np.ndarray:
 
 def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator of this host's shuffled (and augmented, or length-grouped) training batches."""
+  """An endless, checkpointable iterator of this host's rows of the shuffled (and augmented, or length-grouped)
+  global training batches: the same global batches, and the same state, whatever the number of hosts."""
   per_host = _per_host_batch_size(batch_size, process_count)
+  rows = slice(process_index * per_host, (process_index + 1) * per_host)
   if builders.is_text(data_config.name):
-    rows = slice(process_index * per_host, (process_index + 1) * per_host)
     return text.train_iterator(data_config, batch_size, rows, seed)
   augment = image_ops.make_augment(data_config.augment, data_config.crop_padding, data_config.max_shift)
   source = builders.data_source(data_config.name, data_config.train_split, data_config.data_dir)
-  shard = grain.MapDataset.source(_train_indices(source, data_config.get('examples_per_class')))
-  shard = shard[process_index::process_count]
-  if len(shard) < per_host:
-    raise UserError(f'{data_config.train_split!r} gives this host {len(shard)} examples, fewer than '
-                    f'one batch of {per_host}: use a larger train_split or a smaller batch_size.')
-  # grain reseeds the shuffle with seed + epoch: derive unrelated seeds so that runs with
-  # neighbouring seeds do not share permutations an epoch apart.
-  shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
-  # Shuffle and batch indices within each epoch, then repeat: every epoch is a new permutation.
-  dataset = (shard.shuffle(seed=int(shuffle_seed))
-             .batch(per_host, drop_remainder=True)
-             .repeat()
-             .map(_batch_reader(data_config, source)))
-  if augment is not None:
-    # grain seeds the generator from (seed, batch index), so a resumed run augments identically.
-    dataset = dataset.random_map(lambda batch, rng: {**batch, 'image': augment(batch['image'], rng)},
-                                 seed=int(augment_seed))
+  indices = _train_indices(source, data_config.get('examples_per_class'))
+  num_batches = len(indices) // batch_size
+  if num_batches == 0:
+    raise UserError(f'{data_config.train_split!r} gives {len(indices)} training examples, fewer than one batch '
+                    f'of {batch_size}: use a larger train_split or a smaller batch_size.')
+  # Unrelated random streams for the shuffle and the augmentation, each a pure function of the seed.
+  shuffle_seed, augment_seed = map(int, np.random.SeedSequence(seed).generate_state(2))
+  read_rows = _batch_reader(data_config, source)
+
+  @functools.lru_cache(maxsize=2)
+  def plan(epoch: int) -> np.ndarray:
+    """The example indices [num_batches, batch_size] of an epoch's global batches: a new permutation each
+    epoch, the remainder dropped."""
+    order = np.random.default_rng((shuffle_seed, epoch)).permutation(len(indices))[:num_batches * batch_size]
+    return indices[order].reshape(num_batches, batch_size)
+
+  def read(step: int, batch_index: int) -> Batch:
+    # One global plan: every host cuts the same global batch `step` and reads only its own rows of it.
+    batch = read_rows(plan(step // num_batches)[batch_index, rows])
+    if augment is not None:
+      # Seeded by the global batch and drawn for all of it: a resumed run, or one over another number of
+      # hosts, augments every example identically.
+      rng = np.random.default_rng((augment_seed, step))
+      batch['image'] = augment(batch['image'], rng, rows, batch_size)
+    return batch
+
+  # The state is the global position alone ({'next_index': step}), the same on every host.
+  dataset = grain.MapDataset.range(num_batches).repeat().map_with_index(read)
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
 

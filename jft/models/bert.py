@@ -8,6 +8,11 @@ Parameter paths (what freezing, lr and pruning rules match against):
 Query, key and value stay separate parameters (users freeze and prune them one by one) but are
 concatenated inside the step into one projection: one large matmul runs much closer to the CPU's peak
 than three small ones. Attention runs in a (batch, head, token, dim) layout for the same reason.
+
+`dtype='bfloat16'` runs the embeddings' output, the residual stream, every dense layer and both attention matmuls
+in bf16 with float32 parameters; the attention softmax (with its mask bias), the LayerNorm statistics, the hidden
+states returned, the pooling and the classifier head stay float32. `remat=True` recomputes each encoder layer in
+the backward pass (`nn.remat`) instead of keeping its activations: the same parameter paths and gradients.
 """
 
 import dataclasses
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 
 from jft import model_files
 from jft.errors import UserError
+from jft.models import precision
 
 ACTIVATIONS = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
@@ -102,19 +108,21 @@ class LinearParams(nn.Module):
     return kernel, bias
 
 
-def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+def _layer_norm(config: BertConfig, name: str, dtype: Any = jnp.float32) -> nn.LayerNorm:
   # Two-pass variance, as PyTorch computes it: the one-pass form drifts past 1e-5 on BERT's activations.
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, name=name)
+  # Its mean and variance are float32 reductions whatever the compute dtype (flax's force_float32_reductions).
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+def _dense(config: BertConfig, features: int, name: str, dtype: Any = jnp.float32) -> nn.Dense:
+  return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), dtype=dtype, name=name)
 
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a residual connection and a post layer norm."""
 
   config: BertConfig
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, train: bool) -> jax.Array:
@@ -123,48 +131,52 @@ class SelfAttention(nn.Module):
     heads = config.num_attention_heads
     head_dim = hidden // heads
     projections = [LinearParams(hidden, hidden, config.initializer_range, name=n)() for n in ('query', 'key', 'value')]
-    kernel_Dx3D = jnp.concatenate([kernel for kernel, _ in projections], axis=1)
-    bias_3D = jnp.concatenate([bias for _, bias in projections])
+    kernel_Dx3D = jnp.concatenate([kernel for kernel, _ in projections], axis=1).astype(self.dtype)
+    bias_3D = jnp.concatenate([bias for _, bias in projections]).astype(self.dtype)
     qkv_BxLx3D = x_BxLxD @ kernel_Dx3D + bias_3D
     qkv_3xBxHxLxK = qkv_BxLx3D.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
     query, key, value = qkv_3xBxHxLxK
-    scores_BxHxLxL = jnp.einsum('bhqk,bhsk->bhqs', query, key) / math.sqrt(head_dim) + mask_bias_Bx1x1xL
-    probs = jax.nn.softmax(scores_BxHxLxL.astype(jnp.float32), axis=-1).astype(x_BxLxD.dtype)
+    # Scores, the float32 mask bias and the softmax in float32, whatever the compute dtype.
+    scores_BxHxLxL = (jnp.einsum('bhqk,bhsk->bhqs', query, key) / math.sqrt(head_dim)).astype(jnp.float32)
+    probs = jax.nn.softmax(scores_BxHxLxL + mask_bias_Bx1x1xL, axis=-1).astype(self.dtype)
     probs = nn.Dropout(config.attention_probs_dropout_prob, deterministic=not train)(probs)
     context_BxHxLxK = jnp.einsum('bhqs,bhsk->bhqk', probs, value)
     context_BxLxD = context_BxHxLxK.transpose(0, 2, 1, 3).reshape(batch, length, hidden)
-    out = _dense(config, hidden, 'output')(context_BxLxD)
+    out = _dense(config, hidden, 'output', self.dtype)(context_BxLxD)
     out = nn.Dropout(config.hidden_dropout_prob, deterministic=not train)(out)
-    return _layer_norm(config, 'layer_norm')(x_BxLxD + out)
+    return _layer_norm(config, 'layer_norm', self.dtype)(x_BxLxD + out)
 
 
 class FeedForward(nn.Module):
   """The position-wise MLP with a residual connection and a post layer norm."""
 
   config: BertConfig
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, train: bool) -> jax.Array:
     config = self.config
-    h = ACTIVATIONS[config.hidden_act](_dense(config, config.intermediate_size, 'intermediate')(x_BxLxD))
-    out = _dense(config, config.hidden_size, 'output')(h)
+    h = ACTIVATIONS[config.hidden_act](_dense(config, config.intermediate_size, 'intermediate', self.dtype)(x_BxLxD))
+    out = _dense(config, config.hidden_size, 'output', self.dtype)(h)
     out = nn.Dropout(config.hidden_dropout_prob, deterministic=not train)(out)
-    return _layer_norm(config, 'layer_norm')(x_BxLxD + out)
+    return _layer_norm(config, 'layer_norm', self.dtype)(x_BxLxD + out)
 
 
 class TransformerLayer(nn.Module):
   config: BertConfig
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, train: bool) -> jax.Array:
-    x_BxLxD = SelfAttention(self.config, name='attention')(x_BxLxD, mask_bias_Bx1x1xL, train)
-    return FeedForward(self.config, name='mlp')(x_BxLxD, train)
+    x_BxLxD = SelfAttention(self.config, self.dtype, name='attention')(x_BxLxD, mask_bias_Bx1x1xL, train)
+    return FeedForward(self.config, self.dtype, name='mlp')(x_BxLxD, train)
 
 
 class Embeddings(nn.Module):
   """Word + position + token type embeddings, layer norm, dropout."""
 
   config: BertConfig
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array, train: bool) -> jax.Array:
@@ -178,19 +190,26 @@ class Embeddings(nn.Module):
     x = embed(config.vocab_size, 'word_embeddings')(input_ids_BxL)
     x = x + embed(config.max_position_embeddings, 'position_embeddings')(jnp.arange(length))[None]
     x = x + embed(config.type_vocab_size, 'token_type_embeddings')(token_type_ids_BxL)
-    x = _layer_norm(config, 'layer_norm')(x)
+    x = _layer_norm(config, 'layer_norm', self.dtype)(x)
     return nn.Dropout(config.hidden_dropout_prob, deterministic=not train)(x)
 
 
 class Encoder(nn.Module):
+  """The stack of layers; `remat` recomputes each layer's activations in the backward pass (`nn.remat`, the
+  parameter paths unchanged) instead of keeping them: less memory for more compute. On CPU, XLA's default
+  concurrency-optimised scheduler runs the recomputation early and saves nothing (benchmarks/remat_memory.py)."""
+
   config: BertConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, attention_mask_BxL: jax.Array, train: bool) -> jax.Array:
-    # Masked keys get the most negative float: exp underflows to exactly 0, as in Hugging Face's BERT.
-    mask_bias = jnp.where(attention_mask_BxL[:, None, None, :] > 0, 0.0, jnp.finfo(x_BxLxD.dtype).min)
+    # Masked keys get the most negative float32: exp underflows to exactly 0, as in Hugging Face's BERT.
+    mask_bias = jnp.where(attention_mask_BxL[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    layer = nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat else TransformerLayer  # 3: `train`
     for i in range(self.config.num_hidden_layers):
-      x_BxLxD = TransformerLayer(self.config, name=f'layer_{i}')(x_BxLxD, mask_bias.astype(x_BxLxD.dtype), train)
+      x_BxLxD = layer(self.config, self.dtype, name=f'layer_{i}')(x_BxLxD, mask_bias, train)
     return x_BxLxD
 
 
@@ -201,13 +220,18 @@ def _pool(config: BertConfig, hidden_BxLxD: jax.Array) -> jax.Array:
   return jnp.tanh(hidden_BxLxD[:, 0] @ kernel + bias)
 
 
-def _encode(config: BertConfig, input_ids, attention_mask, token_type_ids, train):
-  """Embeddings and encoder, as submodules of the calling compact module (so paths start at embeddings/...)."""
+def _encode(config: BertConfig, input_ids, attention_mask, token_type_ids, train, dtype='float32', remat=False):
+  """Embeddings and encoder, as submodules of the calling compact module (so paths start at embeddings/...).
+
+  The hidden states come back in float32 whatever the compute `dtype`.
+  """
+  dtype = precision.compute_dtype(dtype)
   input_ids = jnp.asarray(input_ids)
   attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
   token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids)
-  x = Embeddings(config, name='embeddings')(input_ids, token_type_ids, train)
-  return Encoder(config, name='encoder')(x, attention_mask, train), attention_mask
+  x = Embeddings(config, dtype, name='embeddings')(input_ids, token_type_ids, train)
+  hidden = Encoder(config, dtype, remat, name='encoder')(x, attention_mask, train)
+  return hidden.astype(jnp.float32), attention_mask
 
 
 class BertModel(nn.Module):
@@ -215,11 +239,13 @@ class BertModel(nn.Module):
 
   config: BertConfig
   add_pooler: bool = True
+  dtype: str = 'float32'  # the compute dtype ('bfloat16': parameters stay float32)
+  remat: bool = False  # recompute each layer's activations in the backward pass
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, train: bool = False) -> BertOutput:
-    hidden, _ = _encode(self.config, input_ids, attention_mask, token_type_ids, train)
+    hidden, _ = _encode(self.config, input_ids, attention_mask, token_type_ids, train, self.dtype, self.remat)
     pooled = _pool(self.config, hidden) if self.add_pooler else None
     return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
 
@@ -238,13 +264,16 @@ class BertClassifier(nn.Module):
   num_classes: int
   pooling: str = 'mean'
   head_dropout: float | None = None  # None: the encoder's hidden_dropout_prob.
+  dtype: str = 'float32'  # the encoder's compute dtype; pooling and the head run in float32
+  remat: bool = False  # recompute each layer's activations in the backward pass
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
     if self.pooling not in POOLINGS:
       raise UserError(f'unknown model.pooling {self.pooling!r}; use one of {POOLINGS}')
-    hidden, attention_mask = _encode(self.config, input_ids, attention_mask, token_type_ids, train)
+    hidden, attention_mask = _encode(self.config, input_ids, attention_mask, token_type_ids, train, self.dtype,
+                                     self.remat)
     if self.pooling == 'mean':
       features = mean_pool(hidden, attention_mask)
     elif self.pooling == 'cls':
