@@ -2,6 +2,9 @@
 
 Each step directory holds three items, readable with plain orbax: `state` (the `TrainState`: step,
 params, opt_state, model_state, rng), `data` (the data iterator's JSON state) and `config` (JSON).
+Every process of a multi-host run takes part in each save and restore; the data state is one global position,
+checked equal on every host. A restore lays the arrays out on the shardings of the abstract state it is given,
+so a run saved on one mesh or process count resumes on any other.
 """
 
 import hashlib

@@ -1,4 +1,5 @@
-"""Config -> model pieces, shared by the command-line tools (`jft.main`, `jft.inspect`)."""
+"""Config -> the run's pieces: the model, the parameter specs and the train loop's hooks (pruning, teacher); shared by
+the command-line tools (`jft.main`, `jft.inspect`). Every check of a config runs while these are built."""
 
 import dataclasses
 import os
