@@ -57,7 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = dict(name='adamw', lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=2 if quick else 70,
                       schedule='linear', clip_norm=1.0, accumulate_steps=1,
                       decay=config_dict.placeholder(tuple),  # None: kernels and embeddings decay
-                      layer_decay=0.8 if 'llrd' in variants else config_dict.placeholder(float))
+                      layer_decay=0.8 if 'llrd' in variants else config_dict.placeholder(float),
+                      mu_dtype=config_dict.placeholder(str))  # None: AdamW's first moment in float32
   config.freeze = ()
   config.lr_mults = ()
   config.stages = ()

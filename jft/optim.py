@@ -76,7 +76,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: r
     groups = sorted({group for path, group in flat['group'].items() if trainable[path]})
     mults = lookup_by_path(flat['lr_mult']) if any(m != 1.0 for m in flat['lr_mult'].values()) else None
   if optim.name == 'adamw':
-    core = [optax.scale_by_adam(b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999)),
+    mu_dtype = optim.get('mu_dtype')  # e.g. 'bfloat16': the first moment stored in it, halving its memory
+    if mu_dtype is not None and mu_dtype not in ('float32', 'bfloat16'):
+      raise UserError(f"config.optim.mu_dtype is {mu_dtype!r}; use 'float32', 'bfloat16' or None (the parameters')")
+    core = [optax.scale_by_adam(b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999), mu_dtype=mu_dtype),
             optax.add_decayed_weights(optim.weight_decay, mask=decay)]
   elif optim.name == 'sgd':
     core = [optax.add_decayed_weights(optim.weight_decay, mask=decay),

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jft import models, tree_paths
+from jft import models, optim, tree_paths
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn, split_variables
 from jft.errors import UserError
@@ -148,3 +148,18 @@ def test_remat_keeps_paths_outputs_and_gradients(name):
 def test_remat_is_a_bert_classifier_field():
   module = models.bert_classifier(NUM_CLASSES, architecture='minilm', dtype='bfloat16', remat=True)
   assert (module.dtype, module.remat) == ('bfloat16', True)
+
+
+def test_mu_dtype_stores_the_first_moment_in_bf16_and_the_rest_in_float32():
+  params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros((3,))}
+  config = ml_collections.ConfigDict(dict(name='adamw', lr=1e-3, weight_decay=0.0, warmup_steps=0,
+                                          schedule='constant', mu_dtype='bfloat16'))
+  tx = optim.make_optimizer(config, 10)
+  state = tx.init(params)
+  flat = tree_paths.flatten(state)
+  assert {leaf.dtype for path, leaf in flat.items() if '/mu/' in f'/{path}/'} == {jnp.dtype('bfloat16')}
+  assert {leaf.dtype for path, leaf in flat.items() if '/nu/' in f'/{path}/'} == {jnp.dtype('float32')}
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype('float32')}
+  with pytest.raises(UserError, match='config.optim.mu_dtype'):
+    optim.make_optimizer(ml_collections.ConfigDict({**config.to_dict(), 'mu_dtype': 'int8'}), 10)

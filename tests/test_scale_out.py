@@ -1,6 +1,7 @@
-"""Scale-out on 8 host-platform devices: the same steps on meshes 1, data=8, (data=2, fsdp=4) and fsdp=8 (and under
-pmap) give the same parameters; FSDP really splits each shard; checkpoints restore bit-exactly onto other meshes
-and the resumed run continues as an uninterrupted one; kill and resume stays bit-identical on an FSDP mesh."""
+"""Scale-out on 8 host-platform devices: the same steps on meshes 1, data=8, (data=2, fsdp=4), fsdp=8 and
+(data=2, fsdp=2, model=2) (and under pmap) give the same parameters; FSDP really splits each shard; checkpoints
+restore bit-exactly onto other meshes and process counts, and the resumed run continues as an uninterrupted
+one; kill and resume stays bit-identical on an FSDP mesh; 2 processes train as 1."""
 
 import json
 import os
@@ -28,7 +29,7 @@ MESHES_SCRIPT = textwrap.dedent('''
     optim_config = ml_collections.ConfigDict(dict(name='adamw', lr=1e-2, weight_decay=0.1, warmup_steps=0,
                                                   schedule='constant', clip_norm=1.0, accumulate_steps=1))
 
-    def run(module, devices, shape, backend='jit', freeze='stem/.*'):
+    def run(module, devices, shape, backend='jit', freeze='stem/.*', sharding_rules=()):
       """Steps with `freeze` frozen, 50% pruning masks in the optimizer state, on `shape` over `devices`."""
       mesh = sharding.make_mesh(devices, shape)
       init = lambda rng: split_variables(module.init(rng, image=batches[0]['image'][:1]))
@@ -38,7 +39,7 @@ MESHES_SCRIPT = textwrap.dedent('''
       tx = optim.make_optimizer(optim_config, 10, labels, prunable)
       make_state = lambda rng: create_train_state(*init(rng), tx, jax.random.PRNGKey(1))
       abstract_state = jax.eval_shape(make_state, jax.random.PRNGKey(0))
-      specs = sharding.param_specs(abstract_params, mesh.shape, min_bytes=0)
+      specs = sharding.param_specs(abstract_params, mesh.shape, sharding_rules, min_bytes=0)
       state_sharding = sharding.state_sharding(mesh, abstract_state, specs)
       state = jax.jit(make_state, out_shardings=state_sharding)(jax.random.PRNGKey(0))  # created sharded
       masks = pruning.compute_masks(state.params, prunable, 0.5, 'global', 'unstructured')
@@ -74,6 +75,13 @@ MESHES_SCRIPT = textwrap.dedent('''
       jax.tree.map(close, one.params, host.params)
       jax.tree.map(close, one.model_state, host.model_state)
       np.testing.assert_array_equal(one.params['stem']['kernel'], host.params['stem']['kernel'])
+    # A model axis by rule: this kernel split over its input channels (model) and output channels (fsdp).
+    rule = ('stage_1_block_0/conv_1/kernel', (None, None, 'model', 'fsdp'))
+    state = run(resnet, jax.devices(), dict(data=2, fsdp=2, model=2), sharding_rules=(rule,))
+    kernel = state.params['stage_1_block_0']['conv_1']['kernel']
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, 'model', 'fsdp')
+    assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 8)
+    jax.tree.map(close, one.params, jax.device_get(state.params))
     report = pruning.sparsity_report(one.params, pruning.masks_of(one.opt_state))
     assert abs(report['sparsity/prunable'] - 0.5) < 1e-3, report
 
