@@ -192,7 +192,9 @@ def test_staged_run_killed_at_the_stage_boundary_resumes_bit_identical(tmp_path,
   # :staged,quick probes the head for 3 steps, then trains everything; the first checkpoint is the boundary.
   out = subprocess.run(
       [sys.executable, os.path.join(TOOLS, 'kill_resume.py'), sys.executable, 'configs/minilm_fortunes.py:staged,quick',
-       str(tmp_path), f'--config.data.data_dir={data_dir}', '--config.checkpoint_every=3'],
+       str(tmp_path), f'--config.data.data_dir={data_dir}', '--config.checkpoint_every=3',
+       # One bucket of 32 tokens: a third of the compilations, and the boundary is what this test is about.
+       '--config.data.max_len=32', '--config.data.buckets=(32,)'],
       capture_output=True, text=True, timeout=900, cwd=ROOT)
   verdict = json.loads(out.stdout.strip().splitlines()[-1])
   assert verdict['identical'], verdict

@@ -54,13 +54,18 @@ MESHES_SCRIPT = textwrap.dedent('''
                                              mesh, state_sharding)
       for batch in batches:
         state, _ = train_step(state, sharding.put_batch(batch, mesh))
-      return state
+      eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(linen_apply_fn(module), 3), mesh, state_sharding)
+      evaluation = step_lib.evaluate(eval_step, state, [{**batches[0], 'mask': np.ones(16, bool)}], mesh)
+      return state, evaluation
 
     resnet = ResNet(num_classes=3, stage_features=(8, 16), blocks_per_stage=1)
-    one = jax.device_get(run(resnet, jax.devices()[:1], None))
+    one, one_eval = run(resnet, jax.devices()[:1], None)
+    one = jax.device_get(one)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     for shape in (dict(data=8), dict(data=2, fsdp=4), dict(fsdp=8, data=1)):
-      state = run(resnet, jax.devices(), shape)
+      state, evaluation = run(resnet, jax.devices(), shape)
+      np.testing.assert_allclose(evaluation['loss'], one_eval['loss'], rtol=1e-4)  # the eval step on the mesh too
+      assert evaluation['count'] == one_eval['count'] == 16
       fsdp = shape.get('fsdp', 1)
       leaves = tree_paths.flatten(state)
       kernel = leaves['params/stage_1_block_0/conv_1/kernel']  # 3 x 3 x 16 x 16: split along a 16
@@ -77,7 +82,7 @@ MESHES_SCRIPT = textwrap.dedent('''
       np.testing.assert_array_equal(one.params['stem']['kernel'], host.params['stem']['kernel'])
     # A model axis by rule: this kernel split over its input channels (model) and output channels (fsdp).
     rule = ('stage_1_block_0/conv_1/kernel', (None, None, 'model', 'fsdp'))
-    state = run(resnet, jax.devices(), dict(data=2, fsdp=2, model=2), sharding_rules=(rule,))
+    state, _ = run(resnet, jax.devices(), dict(data=2, fsdp=2, model=2), sharding_rules=(rule,))
     kernel = state.params['stage_1_block_0']['conv_1']['kernel']
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, 'model', 'fsdp')
     assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 8)
@@ -87,8 +92,8 @@ MESHES_SCRIPT = textwrap.dedent('''
 
     # pmap: the same pure step, gradients averaged over devices; without BatchNorm it matches jit.
     cnn = SmallCNN(num_classes=3, features=(8, 16), hidden=32, dropout=0.0)
-    jit_state = jax.device_get(run(cnn, jax.devices(), dict(data=8), freeze='conv_0/.*'))
-    pmap_state = jax.device_get(run(cnn, jax.devices(), dict(data=8), backend='pmap', freeze='conv_0/.*'))
+    jit_state = jax.device_get(run(cnn, jax.devices(), dict(data=8), freeze='conv_0/.*')[0])
+    pmap_state = jax.device_get(run(cnn, jax.devices(), dict(data=8), backend='pmap', freeze='conv_0/.*')[0])
     jax.tree.map(close, jit_state.params, pmap_state.params)
     print('OK')
 ''')
