@@ -79,8 +79,11 @@ def build_teacher(source: str, student: Model) -> Teacher:
 def param_specs(config: ml_collections.ConfigDict, params: PyTree, mesh: Mesh) -> PyTree:
   """Each parameter's partition spec under `config.sharding` (rules, then FSDP above `min_bytes`) on `mesh`."""
   settings = config.get('sharding') or {}
-  return sharding.param_specs(params, mesh.shape, tuple(settings.get('rules') or ()),
-                              settings.get('min_bytes', sharding.DEFAULT_MIN_BYTES))
+  return sharding.param_specs(params, mesh.shape, tuple(settings.get('rules') or ()), _min_bytes(config))
+
+
+def _min_bytes(config: ml_collections.ConfigDict) -> int:
+  return (config.get('sharding') or {}).get('min_bytes', sharding.DEFAULT_MIN_BYTES)
 
 
 def build_pruner(config: ml_collections.ConfigDict, params: PyTree) -> pruning_hook.MaskSchedule | None:
@@ -113,7 +116,6 @@ def build_teacher_hook(config: ml_collections.ConfigDict, student: Model, mesh: 
     raise UserError(f"config.distill.teacher {distillation.teacher} is inside this run's --workdir: a teacher "
                     'is a finished run of its own; give its work directory')
   teacher = build_teacher(distillation.teacher, student)
-  settings = config.get('sharding') or {}
-  specs = sharding.param_specs(teacher.params, mesh.shape, (), settings.get('min_bytes', sharding.DEFAULT_MIN_BYTES))
+  specs = sharding.param_specs(teacher.params, mesh.shape, (), _min_bytes(config))  # the student's rules name its paths
   logging.info('distilling from %s', teacher.source)
   return teacher_hook.TeacherLogits(teacher.apply_fn, teacher.params, teacher.model_state, mesh, specs)
