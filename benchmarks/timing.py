@@ -14,3 +14,25 @@ def interleaved_times(runs: dict[str, Callable[[], None]], steps: int, round_siz
         run()
         times[name].append(time.perf_counter() - start)
   return times
+
+
+def machine() -> str:
+  """This machine in one line, for every number printed: CPU model, cores jax sees, the widest vector ISA."""
+  import os  # noqa: PLC0415 (only this helper needs them)
+  import platform  # noqa: PLC0415
+  model, flags, family = platform.processor() or platform.machine(), set(), {}
+  try:
+    with open('/proc/cpuinfo') as cpuinfo:
+      for line in cpuinfo:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          model = value.strip()
+        elif key.strip() in ('cpu family', 'model'):
+          family[key.strip()] = value.strip()
+        elif key.strip() == 'flags':
+          flags = set(value.split())
+  except OSError:
+    pass
+  isa = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'
+  family = f" (family {family['cpu family']} model {family['model']})" if len(family) == 2 else ''
+  return f'{model}{family}, {os.cpu_count()} cores, {isa}'

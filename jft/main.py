@@ -10,6 +10,7 @@ the train loop. Running the same command again in the same DIR resumes from the 
 import json
 import os
 import sys
+import time
 
 import jax
 import ml_collections
@@ -19,7 +20,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jft import components, data, distill, distributed, metric_writer, optim, pmap_backend, sharding
+from jft import compilation_cache, components, data, distill, distributed, metric_writer, optim, pmap_backend, sharding
 from jft import init as init_lib
 from jft import stages as stages_lib
 from jft import step as step_lib
@@ -31,6 +32,9 @@ from jft.state import TrainState, create_train_state
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'work directory: config.json, metrics.jsonl, checkpoints/')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None, f'where compiled steps are kept between runs (default $JFT_COMPILATION_CACHE, '
+    f'else {compilation_cache.DEFAULT_DIR}); {compilation_cache.OFF!r}: compile every time')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -42,6 +46,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) per `config` in `workdir` (a local path or e.g. gs://); returns the final test metrics."""
+  started = time.perf_counter()
   workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
   # Setup: every config check runs here, before anything is written.
   validate_config(config)
@@ -123,6 +128,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = hook.on_batch(batch)
     state, metrics = runner.train_step(state, batch)
     log.add(metrics)
+    if step == first_step:  # the one wait outside logging: setup, data, compilation (or its cache), one step
+      jax.block_until_ready(metrics)
+      log.first_step_done({'seconds_to_first_step': time.perf_counter() - started,
+                           **{f'compilation_cache_{k}': v for k, v in compilation_cache.counts().items()
+                              if jax.config.jax_compilation_cache_dir}})
     last = step == config.total_steps
     if step % config.log_every == 0 or last:
       means = log.flush()
@@ -174,6 +184,7 @@ def main() -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail('both --config=configs/NAME.py[:ARG] and --workdir=DIR are required')
   logging.use_absl_handler()
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   try:
     distributed.initialize_from_flags()  # before anything asks jax about devices
     epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)

@@ -66,15 +66,25 @@ class TrainLog:
 
   def __init__(self):
     self.pending, self.start = [], time.perf_counter()
+    self.startup, self.untimed = {}, 0
 
   def add(self, metrics: dict[str, jax.Array]) -> None:
     self.pending.append(metrics)
 
+  def first_step_done(self, startup: dict[str, float]) -> None:
+    """Facts about the start of the run (e.g. `seconds_to_first_step`), reported with the next flush. The first
+    step (it compiles) leaves the steps/s clock when its window has other steps to time."""
+    self.startup, self.untimed, self.start_after_first = startup, len(self.pending), time.perf_counter()
+
   def flush(self) -> dict[str, float]:
-    """The means of the metrics added since the last flush, and `steps_per_sec`."""
+    """The means of the metrics added since the last flush, `steps_per_sec`, and once the startup facts."""
     means = {k: float(v) for k, v in jax.tree.map(lambda *x: np.mean(x), *jax.device_get(self.pending)).items()}
-    means['steps_per_sec'] = len(self.pending) / (time.perf_counter() - self.start)
-    self.pending = []
+    timed, start = len(self.pending), self.start
+    if 0 < self.untimed < timed:
+      timed, start = timed - self.untimed, self.start_after_first
+    means['steps_per_sec'] = timed / (time.perf_counter() - start)
+    means.update(self.startup)
+    self.pending, self.startup, self.untimed = [], {}, 0
     return means
 
   def resume_clock(self) -> None:

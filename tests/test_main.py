@@ -141,6 +141,21 @@ def test_minilm_fine_tunes_on_fortunes8(data_dir, tmp_path):
   assert train[-1] < train[0]
 
 
+def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_path):
+  cache = tmp_path / 'xla'
+  first_lines = []
+  for run in ('cold', 'warm', 'off'):
+    flag = f'--compilation_cache={cache}' if run != 'off' else '--compilation_cache=off'
+    result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path / run}', flag, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first_lines.append(next(line for line in read_metrics(tmp_path / run) if line['split'] == 'train'))
+  cold, warm, off = first_lines
+  assert cold['compilation_cache_hits'] == 0 and any(cache.iterdir())
+  assert warm['compilation_cache_hits'] >= 1  # the train step at least, loaded rather than compiled
+  assert 'compilation_cache_hits' not in off
+  assert all(line['seconds_to_first_step'] > 0 for line in first_lines)
+
+
 def test_weights_that_do_not_fit_the_architecture_exit_2(data_dir, tmp_path):
   result = run_main('--config=configs/minilm_fortunes.py:quick', f'--workdir={tmp_path / "w"}',
                     '--config.init=tests/fixtures/bert_small', data_dir=data_dir)

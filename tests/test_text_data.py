@@ -225,6 +225,20 @@ def test_eval_covers_each_example_once(data_dir):
   assert sum(b['input_ids'].size for b in batches) < 0.7 * 8 * 64 * 128  # Sorted by length: most pad short.
 
 
+def test_eval_split_is_tokenized_once_per_run(data_dir, monkeypatch):
+  calls = []
+  tokenize = data.text.tokenize
+  monkeypatch.setattr(data.text, 'tokenize', lambda *args: calls.append(args[1:]) or tokenize(*args))
+  config = _config(data_dir, max_len=96)  # a data config no other test evaluated in this process
+  first = list(data.eval_batches(config, 'validation', 64))
+  again = list(data.eval_batches(config, 'validation', 64))
+  assert len(calls) == 1
+  for a, b in zip(first, again, strict=True):
+    np.testing.assert_array_equal(a['input_ids'], b['input_ids'])
+  list(data.eval_batches(_config(data_dir, max_len=80), 'validation', 64))  # another config: tokenized anew
+  assert calls == [('minilm', 96), ('minilm', 80)]
+
+
 @pytest.mark.parametrize('split', ['train', 'validation'])
 def test_two_hosts_slices_make_the_global_batch(data_dir, split):
   config = _config(data_dir)

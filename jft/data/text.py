@@ -7,6 +7,7 @@ and shuffles their order. An epoch's plan is a pure function of (seed, epoch): r
 
 import functools
 import itertools
+import json
 import os
 from collections.abc import Iterator, Sequence
 
@@ -138,6 +139,12 @@ class _TokenizedSplit:
             'label': self.labels_N[indices]}
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenized_eval_split(data_config_json: str, split_name: str) -> _TokenizedSplit:
+  """A split read and tokenized once per process and data config: a run evaluates it many times."""
+  return _TokenizedSplit(ml_collections.ConfigDict(json.loads(data_config_json)), split_name)
+
+
 def epoch_plan(lengths_N: np.ndarray, batch_size: int, sort_window: int, seed: int, epoch: int) -> np.ndarray:
   """The example indices [batches, batch_size] of a training epoch, grouped by length; the remainder dropped."""
   rng = np.random.default_rng((seed, epoch))
@@ -172,7 +179,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows
 def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_size: int,
                  rows: slice) -> Iterator[dict[str, np.ndarray]]:
   """One pass over a split sorted by length; the last batch is padded by rereading, and `mask` is False there."""
-  split = _TokenizedSplit(data_config, split_name)
+  split = _tokenized_eval_split(data_config.to_json(), split_name)
   size = len(split.lengths_N)
   # Sorted by length, a batch pads to the bucket of texts like its own; metrics need no order.
   order = np.argsort(split.lengths_N, kind='stable')

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jft.models.dropout import Dropout
 from jft.models.precision import compute_dtype
 
 
@@ -34,7 +35,7 @@ class SmallCNN(nn.Module):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden, dtype=dtype, name='hidden')(x))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(x.astype(jnp.float32))
 
 

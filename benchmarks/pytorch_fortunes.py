@@ -1,0 +1,105 @@
+"""The PyTorch + transformers counterpart of jft's main job (configs/minilm_fortunes.py), for the end-to-end mode
+of benchmarks/vs_pytorch.py. Runs only in the PyTorch virtual environment.
+
+python pytorch_fortunes.py --data=SPLITS.json --model_dir=DIR --steps=700 --warmup_steps=70 --eval_every=100
+SPLITS.json: {"train": {"texts": [...], "labels": [...]}, "validation": {...}, "test": {...}}, written by
+vs_pytorch.py from jft's own fortunes8 builder, so both read the same texts. The recipe is jft's: the MiniLM
+tokenizer (tokenizer.json, truncation at 128 tokens), batch 32, length-grouped batches (shuffled, sorted by length
+within windows of 64 batches, padded to the longest text of the batch: as transformers' `group_by_length`),
+mean pooling, a new head, dropout 0.1, AdamW (lr 1e-4, weight decay 0.01 but not on biases and LayerNorm),
+linear warmup and decay, clipping at norm 1.0; validation every `eval_every` steps and test at the end.
+Prints one JSON line: the wall time from start to the test metrics and the test accuracy.
+"""
+
+import argparse
+import json
+import time
+
+START = time.perf_counter()
+
+import numpy as np  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+from pytorch_minilm import MeanPoolClassifier, make_optimizer  # noqa: E402
+
+BATCH = 32
+SORT_WINDOW = 64
+
+
+def tokenize(texts: list[str], model_dir: str, max_len: int) -> list[list[int]]:
+  tokenizer = tokenizers.Tokenizer.from_file(f'{model_dir}/tokenizer.json')
+  tokenizer.no_padding()
+  tokenizer.enable_truncation(max_len)
+  return [encoding.ids for encoding in tokenizer.encode_batch(texts)]
+
+
+def pad(ids: list[list[int]]) -> dict[str, torch.Tensor]:
+  length = max(len(row) for row in ids)
+  input_ids = torch.zeros((len(ids), length), dtype=torch.long)
+  for i, row in enumerate(ids):
+    input_ids[i, :len(row)] = torch.tensor(row)
+  return {'input_ids': input_ids, 'attention_mask': (input_ids != 0).long(),
+          'token_type_ids': torch.zeros_like(input_ids)}
+
+
+def epoch_batches(lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+  order = rng.permutation(len(lengths))[:len(lengths) // BATCH * BATCH]
+  window = SORT_WINDOW * BATCH
+  for start in range(0, len(order), window):
+    chunk = order[start:start + window]
+    order[start:start + window] = chunk[np.argsort(lengths[chunk], kind='stable')]
+  batches = order.reshape(-1, BATCH)
+  return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def accuracy(model, ids: list[list[int]], labels: np.ndarray) -> float:
+  model.eval()
+  order = np.argsort([len(row) for row in ids], kind='stable')
+  correct = 0
+  with torch.inference_mode():
+    for start in range(0, len(order), BATCH):
+      chunk = order[start:start + BATCH]
+      logits = model(**pad([ids[i] for i in chunk]))
+      correct += int((logits.argmax(-1).numpy() == labels[chunk]).sum())
+  model.train()
+  return correct / len(labels)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  for name, kind in (('data', str), ('model_dir', str), ('steps', int), ('warmup_steps', int), ('eval_every', int),
+                     ('lr', float), ('weight_decay', float), ('seed', int), ('max_len', int)):
+    parser.add_argument(f'--{name}', type=kind)
+  parser.set_defaults(lr=1e-4, weight_decay=0.01, seed=0, max_len=128)
+  args = parser.parse_args()
+  torch.manual_seed(args.seed)
+  with open(args.data) as f:
+    splits = json.load(f)
+  ids = {name: tokenize(split['texts'], args.model_dir, args.max_len) for name, split in splits.items()}
+  labels = {name: np.asarray(split['labels']) for name, split in splits.items()}
+  model = MeanPoolClassifier(args.model_dir, int(labels['train'].max()) + 1, 0.1)
+  optimizer, schedule = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.steps)
+  model.train()
+  lengths = np.asarray([len(row) for row in ids['train']])
+  rng, batches, step, curve = np.random.default_rng(args.seed), [], 0, []
+  while step < args.steps:
+    if not batches:
+      batches = epoch_batches(lengths, rng)
+    chunk = batches.pop()
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(**pad([ids['train'][i] for i in chunk]))
+    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels['train'][chunk]))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    step += 1
+    if step % args.eval_every == 0 or step == args.steps:
+      curve.append({'step': step, 'validation_accuracy': accuracy(model, ids['validation'], labels['validation'])})
+  test_accuracy = accuracy(model, ids['test'], labels['test'])
+  print(json.dumps({'wall_s': time.perf_counter() - START, 'test_accuracy': test_accuracy, 'steps': step,
+                    'validation': curve, 'torch': torch.__version__, 'threads': torch.get_num_threads()}))
+
+
+if __name__ == '__main__':
+  main()

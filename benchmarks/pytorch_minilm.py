@@ -1,0 +1,123 @@
+"""The PyTorch side of benchmarks/vs_pytorch.py: the MiniLM classifier in PyTorch + transformers, driven over
+stdin/stdout so the two frameworks can take turns on the same CPU in one benchmark run.
+
+Runs only in the separate PyTorch virtual environment (torch, transformers, numpy); never imported by jft.
+One JSON command per input line, one JSON answer per output line:
+  {"op": "setup", "model_dir": DIR, "num_classes": 8, "head_dropout": 0.1, "lr": 1e-4, "weight_decay": 0.01,
+   "warmup_steps": 10, "total_steps": 1000, "clip_norm": 1.0}
+  {"op": "train", "batch": {"input_ids": [[...]], "attention_mask": ..., "token_type_ids": ..., "label": [...]},
+   "steps": N}                                     -> {"times": [seconds of each step], "loss": last loss}
+  {"op": "eval", "batch": {...}, "steps": N}       -> {"times": [...]}   (eval mode, no gradients)
+  {"op": "matmul", "size": 2048, "repeats": 10}    -> {"flop_per_s": best of the repeats}
+  {"op": "quit"}
+The model matches jft's `BertClassifier(pooling='mean')`: the pretrained encoder without its pooler, the mean of
+the last hidden states over real tokens, dropout, a new linear head; AdamW with weight decay on everything but
+biases and LayerNorm parameters, gradient clipping by global norm, linear warmup and decay (the Hugging Face
+recipe, `transformers.get_linear_schedule_with_warmup`), dropout on during training.
+"""
+
+import json
+import sys
+import time
+
+import torch
+import transformers
+
+
+class MeanPoolClassifier(torch.nn.Module):
+
+  def __init__(self, model_dir: str, num_classes: int, head_dropout: float):
+    super().__init__()
+    self.encoder = transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False)
+    self.dropout = torch.nn.Dropout(head_dropout)
+    self.head = torch.nn.Linear(self.encoder.config.hidden_size, num_classes)
+
+  def forward(self, input_ids, attention_mask, token_type_ids):
+    hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return self.head(self.dropout(pooled))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+  no_decay = [p for n, p in model.named_parameters() if n.endswith('bias') or 'LayerNorm' in n]
+  decay = [p for n, p in model.named_parameters() if not (n.endswith('bias') or 'LayerNorm' in n)]
+  optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                                 {'params': no_decay, 'weight_decay': 0.0}], lr=lr)
+  schedule = transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+  return optimizer, schedule
+
+
+def tensors(batch: dict) -> dict[str, torch.Tensor]:
+  return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+class Worker:
+
+  def setup(self, model_dir, num_classes, head_dropout, lr, weight_decay, warmup_steps, total_steps, clip_norm):
+    torch.manual_seed(0)
+    self.model = MeanPoolClassifier(model_dir, num_classes, head_dropout)
+    self.optimizer, self.schedule = make_optimizer(self.model, lr, weight_decay, warmup_steps, total_steps)
+    self.clip_norm = clip_norm
+    return {'torch': torch.__version__, 'transformers': transformers.__version__,
+            'threads': torch.get_num_threads(),
+            'attention': getattr(self.model.encoder.config, '_attn_implementation', None)}
+
+  def train_step(self, inputs, labels) -> float:
+    self.model.train()
+    self.optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(self.model(**inputs), labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+    self.optimizer.step()
+    self.schedule.step()
+    return loss.item()
+
+  def train(self, batch, steps):
+    batch = tensors(batch)
+    labels = batch.pop('label')
+    times, loss = [], None
+    for _ in range(steps):
+      start = time.perf_counter()
+      loss = self.train_step(batch, labels)
+      times.append(time.perf_counter() - start)
+    return {'times': times, 'loss': loss}
+
+  def eval(self, batch, steps):
+    batch = tensors(batch)
+    batch.pop('label', None)
+    self.model.eval()
+    times = []
+    with torch.inference_mode():
+      for _ in range(steps):
+        start = time.perf_counter()
+        self.model(**batch).sum().item()
+        times.append(time.perf_counter() - start)
+    return {'times': times}
+
+  def matmul(self, size, repeats):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float('inf')
+    for _ in range(repeats):
+      start = time.perf_counter()
+      a @ b
+      best = min(best, time.perf_counter() - start)
+    return {'flop_per_s': 2 * size**3 / best}
+
+
+def main():
+  transformers.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  worker = Worker()
+  for line in sys.stdin:
+    command = json.loads(line)
+    op = command.pop('op')
+    if op == 'quit':
+      break
+    print(json.dumps(getattr(worker, op)(**command)), flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,244 @@
+"""jft against PyTorch + transformers on the same CPU: the MiniLM fine-tuning step and the eval forward pass,
+or (--mode=end_to_end) the whole main job.
+
+python benchmarks/vs_pytorch.py [--lengths=32,64,128] [--rounds=5] [--round_size=2]
+                                [--torch_venv=~/.cache/jft/torch-venv]
+python benchmarks/vs_pytorch.py --mode=end_to_end [--config=configs/minilm_fortunes.py] [--config.FIELD=VALUE]
+
+Both fine-tune the same classifier on the same batch of 32 token sequences: the pretrained MiniLM encoder,
+mean pooling, a new 8-way head, dropout on, AdamW with linear warmup/decay, clipping at global norm 1.0.
+PyTorch runs in its own process (benchmarks/pytorch_minilm.py) inside its own virtual environment, created on
+first use with `torch==2.13.0` (CPU wheel) and `transformers`; jft never imports torch. The two take turns in
+rounds (`round_size` steps of one, then of the other) so that noise on a shared machine hits both alike.
+Prints, per shape, each median step time, the ratio jft / PyTorch and each one's achieved matmul FLOP/s as a
+fraction of the matmul peak measured in the same run (the best of jax's and PyTorch's 2048^3 float32 matmul),
+then the same for the eval-mode forward pass at 64 x 64.
+
+End to end: the wall time from launch to the final test metrics of `python -m jft.main --config=...` (a cold
+start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
+texts (exported from jft's fortunes8 builder beforehand, so neither pays for building the dataset), run one after
+the other; prints both times, their ratio and both test accuracies.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup
+from minilm_step import forward_flops, matmul_peak_flops
+from timing import machine
+
+from jft import data, model_files
+from jft import step as step_lib
+from jft.apply_fn import linen_apply_fn
+
+_LENGTHS = flags.DEFINE_list('lengths', ['32', '64', '128'], 'sequence lengths of the training steps (batch 32)')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'turns each framework takes per shape')
+_ROUND_SIZE = flags.DEFINE_integer('round_size', 2, 'steps per turn')
+_MODE = flags.DEFINE_enum('mode', 'steps', ['steps', 'end_to_end'], 'step times, or the whole main job')
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/minilm_fortunes.py', 'the job of --mode=end_to_end')
+_TORCH_VENV = flags.DEFINE_string('torch_venv', '~/.cache/jft/torch-venv',
+                                  'virtual environment with torch and transformers; created if missing')
+TORCH_PACKAGES = ('torch==2.13.0', 'transformers', 'numpy')
+TORCH_INDEX = 'https://download.pytorch.org/whl/cpu'
+BATCH = 32
+EVAL_SHAPE = (64, 64)
+WORKER = pathlib.Path(__file__).with_name('pytorch_minilm.py')
+
+
+def torch_python(venv: str) -> str:
+  """The python of `venv`, after creating it with torch (CPU wheel) and transformers if it does not exist."""
+  venv = pathlib.Path(venv).expanduser()
+  python = venv / 'bin' / 'python'
+  if not python.exists():
+    print(f'creating the PyTorch environment {venv} (once) ...', flush=True)
+    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+    subprocess.run([str(python), '-m', 'pip', 'install', '-q', '--extra-index-url', TORCH_INDEX, *TORCH_PACKAGES],
+                   check=True)
+  return str(python)
+
+
+class TorchWorker:
+  """benchmarks/pytorch_minilm.py in the PyTorch environment, one JSON command at a time."""
+
+  def __init__(self, python: str):
+    self.process = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+
+  def __call__(self, op: str, **kwargs) -> dict:
+    self.process.stdin.write(json.dumps({'op': op, **kwargs}) + '\n')
+    self.process.stdin.flush()
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the PyTorch worker exited (code {self.process.wait()}); see its error above')
+    return json.loads(line)
+
+  def close(self):
+    with contextlib.suppress(BrokenPipeError, OSError):
+      self.process.stdin.write(json.dumps({'op': 'quit'}) + '\n')
+      self.process.stdin.close()
+    try:
+      self.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+
+
+def as_lists(batch: dict[str, np.ndarray]) -> dict[str, list]:
+  return {k: v.tolist() for k, v in batch.items()}
+
+
+def jft_train(setup: MiniLMSetup):
+  """A callable that runs `n` jft steps and returns their times, and the step's compile time."""
+  state, train_step = setup.state_and_step()
+  start = time.perf_counter()
+  compiled = train_step.lower(state, setup.device_batch).compile()
+  compile_s = time.perf_counter() - start
+  holder = {'state': state}
+
+  def run(n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      start = time.perf_counter()
+      holder['state'], metrics = compiled(holder['state'], setup.device_batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    return times
+
+  return run, compile_s
+
+
+def jft_eval(setup: MiniLMSetup):
+  logits_fn = step_lib.jit_logits_fn(step_lib.make_logits_fn(linen_apply_fn(setup.module)), setup.mesh)
+  batch = {k: v for k, v in setup.device_batch.items()}
+
+  def run(n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      start = time.perf_counter()
+      jax.block_until_ready(logits_fn(setup.params, setup.model_state, batch))
+      times.append(time.perf_counter() - start)
+    return times
+
+  return run
+
+
+def take_turns(jft_run, torch_run, rounds: int, round_size: int) -> tuple[list[float], list[float]]:
+  jft_run(1), torch_run(1)  # warm-up: first calls allocate
+  jft_times, torch_times = [], []
+  for _ in range(rounds):
+    jft_times += jft_run(round_size)
+    torch_times += torch_run(round_size)
+  return jft_times, torch_times
+
+
+def export_texts(config, path: str) -> None:
+  """The train, validation and test texts and labels of `config.data`, as jft's builder stores them."""
+  splits = {}
+  for name in (config.data.train_split, config.data.validation_split, config.data.test_split):
+    source = data.data_source(config.data.name, name, config.data.data_dir, config.data.get('classes'))
+    records = source.__getitems__(list(range(len(source))))
+    splits[name.split('[')[0]] = {'texts': [r['text'].decode('utf-8') for r in records],
+                                  'labels': [int(r['label']) for r in records]}
+  with open(path, 'w') as f:
+    json.dump(splits, f)
+
+
+def timed_run(command: list[str], **kwargs) -> tuple[float, str]:
+  start = time.perf_counter()
+  result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+  if result.returncode:
+    raise RuntimeError(f'{command[:3]} failed ({result.returncode}):\n{result.stderr[-3000:]}')
+  return time.perf_counter() - start, result.stdout
+
+
+def end_to_end(python: str) -> None:
+  config = _CONFIG.value
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  with tempfile.TemporaryDirectory() as tmp:
+    if not config.data.data_dir:
+      config.data.data_dir = os.path.join(tmp, 'tfds')
+    texts = os.path.join(tmp, 'texts.json')
+    export_texts(config, texts)
+    overrides = [arg for arg in sys.argv[1:] if arg.startswith('--config')]
+    jft_command = [sys.executable, '-m', 'jft.main', *overrides, f'--workdir={tmp}/jft', '--compilation_cache=off',
+                   f'--config.data.data_dir={config.data.data_dir}']
+    print(f'machine: {machine()}\njft: {" ".join(jft_command[1:])}', flush=True)
+    jft_s, out = timed_run(jft_command, cwd=repo)
+    jft_test = json.loads(out.strip().splitlines()[-1])
+    torch_command = [python, str(WORKER.with_name('pytorch_fortunes.py')), f'--data={texts}',
+                     f'--model_dir={model_files.pretrained_dir(config.init)}', f'--steps={config.total_steps}',
+                     f'--warmup_steps={config.optim.warmup_steps}', f'--eval_every={config.eval_every}',
+                     f'--lr={config.optim.lr}', f'--weight_decay={config.optim.weight_decay}',
+                     f'--seed={config.seed}', f'--max_len={config.data.max_len}']
+    print(f'PyTorch: {" ".join(torch_command[1:])}', flush=True)
+    torch_s, out = timed_run(torch_command, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    torch_result = json.loads(out.strip().splitlines()[-1])
+  print(f'\n{"":8s} {"wall s":>8s} {"test accuracy":>13s}')
+  print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f}')
+  print(f'{"PyTorch":8s} {torch_s:8.0f} {torch_result["test_accuracy"]:13.3f}')
+  print(f'jft / PyTorch wall time: {jft_s / torch_s:.2f}')
+  print(json.dumps({'machine': machine(), 'jft_s': jft_s, 'torch_s': torch_s, 'jft_test': jft_test,
+                    'torch': torch_result}))
+
+
+def main(_):
+  python = torch_python(_TORCH_VENV.value)
+  if _MODE.value == 'end_to_end':
+    return end_to_end(python)
+  worker = TorchWorker(python)
+  try:
+    rows = []
+    model_dir = model_files.pretrained_dir('minilm')
+    info = worker('setup', model_dir=model_dir, num_classes=NUM_CLASSES, head_dropout=0.1, lr=OPTIM['lr'],
+                  weight_decay=OPTIM['weight_decay'], warmup_steps=OPTIM['warmup_steps'], total_steps=1000,
+                  clip_norm=OPTIM['clip_norm'])
+    print(f'machine: {machine()}; jax {jax.__version__}; PyTorch {info["torch"]} ({info["threads"]} threads, '
+          f'attention {info["attention"]}), transformers {info["transformers"]}', flush=True)
+    shapes = [('train', BATCH, int(length)) for length in _LENGTHS.value] + [('eval', *EVAL_SHAPE)]
+    for kind, batch_size, length in shapes:
+      setup = MiniLMSetup(batch_size, length)
+      torch_batch = as_lists(setup.batch)
+      if kind == 'train':
+        jft_run, compile_s = jft_train(setup)
+        torch_run = lambda n, b=torch_batch: worker('train', batch=b, steps=n)['times']
+        flops = 3 * forward_flops(setup.config, batch_size, length, NUM_CLASSES)
+      else:
+        jft_run, compile_s = jft_eval(setup), None
+        torch_run = lambda n, b=torch_batch: worker('eval', batch=b, steps=n)['times']
+        flops = forward_flops(setup.config, batch_size, length, NUM_CLASSES)
+      jft_times, torch_times = take_turns(jft_run, torch_run, _ROUNDS.value, _ROUND_SIZE.value)
+      row = {'kind': kind, 'batch': batch_size, 'length': length, 'flops': flops, 'compile_s': compile_s,
+             'jft_s': statistics.median(jft_times), 'torch_s': statistics.median(torch_times),
+             'jft_s_range': [min(jft_times), max(jft_times)], 'torch_s_range': [min(torch_times), max(torch_times)]}
+      row['ratio'] = row['jft_s'] / row['torch_s']
+      rows.append(row)
+      print(f'{kind} {batch_size} x {length}: jft {row["jft_s"]:.3f} s, PyTorch {row["torch_s"]:.3f} s, '
+            f'jft / PyTorch {row["ratio"]:.2f}', flush=True)
+    jax_peak = matmul_peak_flops()
+    torch_peak = worker('matmul', size=2048, repeats=10)['flop_per_s']
+  finally:
+    worker.close()
+  peak = max(jax_peak, torch_peak)
+  print(f'\nmatmul peak (2048^3 float32): jax {jax_peak / 1e9:.0f} GFLOP/s, PyTorch {torch_peak / 1e9:.0f} GFLOP/s')
+  print(f'{"":6s} {"shape":>9s} {"jft s":>7s} {"PyTorch s":>9s} {"jft/PyTorch":>11s} '
+        f'{"jft %peak":>9s} {"PyTorch %peak":>13s} {"jft compile s":>13s}')
+  for row in rows:
+    compile_s = f'{row["compile_s"]:.1f}' if row['compile_s'] is not None else '-'
+    print(f'{row["kind"]:6s} {row["batch"]:>4d} x {row["length"]:<3d} {row["jft_s"]:7.3f} {row["torch_s"]:9.3f} '
+          f'{row["ratio"]:11.2f} {row["flops"] / row["jft_s"] / peak:9.1%} {row["flops"] / row["torch_s"] / peak:13.1%} '
+          f'{compile_s:>13s}')
+  print(json.dumps({'machine': machine(), 'jax_peak': jax_peak, 'torch_peak': torch_peak, 'rows': rows}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,52 @@
+"""jax's persistent compilation cache, on by default for the command line: a repeated or resumed run loads its
+compiled steps from disk instead of compiling them again (benchmarks/startup.py measures cold against warm).
+
+`python -m jft.main --compilation_cache=DIR` (default `$JFT_COMPILATION_CACHE`, else ~/.cache/jft/xla;
+`off` turns it off). A cache the user already gave jax (`JAX_COMPILATION_CACHE_DIR`) is left as it is.
+Entries are keyed by the program, the jax/XLA versions, the flags and the devices, so a stale entry is never
+used; the directory is capped at `MAX_BYTES`, least recently used entries going first.
+"""
+
+import collections
+import os
+
+import jax
+import jax.monitoring
+
+DEFAULT_DIR = '~/.cache/jft/xla'
+MAX_BYTES = 2 << 30
+OFF = 'off'
+_EVENTS = {'/jax/compilation_cache/cache_hits': 'hits', '/jax/compilation_cache/cache_misses': 'misses'}
+_counts = collections.Counter()
+_listening = False
+
+
+def _count(event: str, **_) -> None:
+  if event in _EVENTS:
+    _counts[_EVENTS[event]] += 1
+
+
+def counts() -> dict[str, int]:
+  """Programs loaded from the cache (`hits`) and compiled and written to it (`misses`) since `enable`."""
+  return {'hits': _counts['hits'], 'misses': _counts['misses']}
+
+
+def default_dir() -> str:
+  return os.environ.get('JFT_COMPILATION_CACHE', DEFAULT_DIR)
+
+
+def enable(directory: str | None = None) -> str | None:
+  """Turns the cache on at `directory` (None: `default_dir()`; 'off': leaves it off); returns the directory used."""
+  configured = jax.config.jax_compilation_cache_dir  # the user's own setting wins
+  if not configured:
+    directory = default_dir() if directory is None else directory
+    if not directory or directory == OFF:
+      return None
+    configured = os.path.expanduser(directory)
+    jax.config.update('jax_compilation_cache_dir', configured)
+    jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
+  global _listening
+  if not _listening:
+    jax.monitoring.register_event_listener(_count)
+    _listening = True
+  return configured
