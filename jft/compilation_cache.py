@@ -15,6 +15,9 @@ import jax.monitoring
 
 DEFAULT_DIR = '~/.cache/jft/xla'
 MAX_BYTES = 2 << 30
+# jax caches only programs that took at least 1 s to compile; a run's many small ones (initialisation, the
+# sharded puts, the eval step of a small model) add up to seconds of a warm start too.
+MIN_COMPILE_SECONDS = 0.0
 OFF = 'off'
 _EVENTS = {'/jax/compilation_cache/cache_hits': 'hits', '/jax/compilation_cache/cache_misses': 'misses'}
 _counts = collections.Counter()
@@ -45,6 +48,7 @@ def enable(directory: str | None = None) -> str | None:
     configured = os.path.expanduser(directory)
     jax.config.update('jax_compilation_cache_dir', configured)
     jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
   global _listening
   if not _listening:
     jax.monitoring.register_event_listener(_count)
