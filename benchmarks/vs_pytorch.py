@@ -46,7 +46,8 @@ _LENGTHS = flags.DEFINE_list('lengths', ['32', '64', '128'], 'sequence lengths o
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'turns each framework takes per shape')
 _ROUND_SIZE = flags.DEFINE_integer('round_size', 2, 'steps per turn')
 _MODE = flags.DEFINE_enum('mode', 'steps', ['steps', 'end_to_end'], 'step times, or the whole main job')
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/minilm_fortunes.py', 'the job of --mode=end_to_end')
+DEFAULT_CONFIG = 'configs/minilm_fortunes.py'
+_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'the job of --mode=end_to_end')
 _TORCH_VENV = flags.DEFINE_string('torch_venv', '~/.cache/jft/torch-venv',
                                   'virtual environment with torch and transformers; created if missing')
 TORCH_PACKAGES = ('torch==2.13.0', 'transformers', 'numpy')
@@ -169,12 +170,16 @@ def end_to_end(python: str) -> None:
       config.data.data_dir = os.path.join(tmp, 'tfds')
     texts = os.path.join(tmp, 'texts.json')
     export_texts(config, texts)
-    overrides = [arg for arg in sys.argv[1:] if arg.startswith('--config')]
+    config_arg = next((arg for arg in sys.argv[1:] if arg.startswith('--config=')), f'--config={DEFAULT_CONFIG}')
+    overrides = [config_arg] + [arg for arg in sys.argv[1:] if arg.startswith('--config.')]
     jft_command = [sys.executable, '-m', 'jft.main', *overrides, f'--workdir={tmp}/jft', '--compilation_cache=off',
                    f'--config.data.data_dir={config.data.data_dir}']
     print(f'machine: {machine()}\njft: {" ".join(jft_command[1:])}', flush=True)
     jft_s, out = timed_run(jft_command, cwd=repo)
     jft_test = json.loads(out.strip().splitlines()[-1])
+    with open(os.path.join(tmp, 'jft', 'metrics.jsonl')) as f:
+      jft_curve = [{'step': line['step'], 'validation_accuracy': line['accuracy']} for line in map(json.loads, f)
+                   if line['split'] == 'validation']
     torch_command = [python, str(WORKER.with_name('pytorch_fortunes.py')), f'--data={texts}',
                      f'--model_dir={model_files.pretrained_dir(config.init)}', f'--steps={config.total_steps}',
                      f'--warmup_steps={config.optim.warmup_steps}', f'--eval_every={config.eval_every}',
@@ -187,8 +192,11 @@ def end_to_end(python: str) -> None:
   print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f}')
   print(f'{"PyTorch":8s} {torch_s:8.0f} {torch_result["test_accuracy"]:13.3f}')
   print(f'jft / PyTorch wall time: {jft_s / torch_s:.2f}')
+  print('validation accuracy by step:')
+  for ours, theirs in zip(jft_curve, torch_result['validation'], strict=False):
+    print(f'  {ours["step"]:5d}  jft {ours["validation_accuracy"]:.3f}  PyTorch {theirs["validation_accuracy"]:.3f}')
   print(json.dumps({'machine': machine(), 'jft_s': jft_s, 'torch_s': torch_s, 'jft_test': jft_test,
-                    'torch': torch_result}))
+                    'jft_validation': jft_curve, 'torch': torch_result}))
 
 
 def main(_):
