@@ -33,9 +33,9 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup
 from minilm_step import forward_flops, matmul_peak_flops
+from ml_collections import config_flags
 from timing import machine
 
 from jft import data, model_files
@@ -242,9 +242,9 @@ def main(_):
         f'{"jft %peak":>9s} {"PyTorch %peak":>13s} {"jft compile s":>13s}')
   for row in rows:
     compile_s = f'{row["compile_s"]:.1f}' if row['compile_s'] is not None else '-'
+    jft_fraction, torch_fraction = row['flops'] / row['jft_s'] / peak, row['flops'] / row['torch_s'] / peak
     print(f'{row["kind"]:6s} {row["batch"]:>4d} x {row["length"]:<3d} {row["jft_s"]:7.3f} {row["torch_s"]:9.3f} '
-          f'{row["ratio"]:11.2f} {row["flops"] / row["jft_s"] / peak:9.1%} {row["flops"] / row["torch_s"] / peak:13.1%} '
-          f'{compile_s:>13s}')
+          f'{row["ratio"]:11.2f} {jft_fraction:9.1%} {torch_fraction:13.1%} {compile_s:>13s}')
   print(json.dumps({'machine': machine(), 'jax_peak': jax_peak, 'torch_peak': torch_peak, 'rows': rows}))
 
 
