@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_len=128,
       # Most texts are short (median 30 tokens) but 15% of the batches hold one cut at 128: length-grouped
       # batches pad to the nearest bucket. Six buckets cost 3 more compilations (cached after the first run)
-      # and 13% less compute per epoch than (32, 64, 128) (benchmarks/README.md); :quick keeps three.
+      # and pad fewer tokens than (32, 64, 128); :quick keeps three.
       buckets=(32, 64, 128) if quick else (16, 32, 48, 64, 96, 128),
       sort_window=64,
       classes=config_dict.placeholder(tuple),
