@@ -1,13 +1,17 @@
-"""The MiniLM classifier, a synthetic fortunes8-shaped batch and jitted train steps, shared by the benchmarks."""
+"""The MiniLM classifier, a synthetic fortunes8-shaped batch, jitted train steps and FLOP counts, shared by the
+benchmarks."""
+
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jft import optim, pretrained, rules, sharding
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn, split_variables
-from jft.models import BertClassifier
+from jft.models import BertClassifier, BertConfig
 from jft.state import create_train_state
 
 NUM_CLASSES = 8
@@ -16,10 +20,11 @@ OPTIM = dict(name='adamw', lr=1e-4, weight_decay=0.01, warmup_steps=10, schedule
 
 
 class MiniLMSetup:
-  """MiniLM + a new head (mean pooling) with pretrained encoder parameters, and one batch of token ids."""
+  """MiniLM + a new head (mean pooling) with pretrained encoder parameters, and one batch of token ids.
+  `source`: the registered name or a Hugging Face directory of the encoder (any BERT of the same shape times alike)."""
 
-  def __init__(self, batch_size: int, length: int):
-    model = pretrained.load('minilm')
+  def __init__(self, batch_size: int, length: int, source: str = 'minilm'):
+    model = pretrained.load(source)
     self.config = model.config
     self.module = BertClassifier(model.config, num_classes=NUM_CLASSES, pooling='mean')
     rng = np.random.default_rng(0)
@@ -48,3 +53,26 @@ class MiniLMSetup:
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(linen_apply_fn(self.module), tx, labels.trainable), self.mesh)
     return state, train_step
+
+
+def forward_flops(config: BertConfig, batch: int, length: int, num_classes: int) -> float:
+  """Multiply-adds x 2 of the encoder's matmuls and the head, for one forward pass."""
+  hidden, inner = config.hidden_size, config.intermediate_size
+  per_token_per_layer = (2 * 4 * hidden * hidden  # query, key, value, attention output
+                         + 2 * 2 * hidden * inner  # the MLP's two matmuls
+                         + 2 * 2 * length * hidden)  # scores q.k and the weighted sum of values
+  return batch * (length * config.num_hidden_layers * per_token_per_layer + 2 * hidden * num_classes)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+  """The best FLOP/s of a float32 [size, size] @ [size, size] on the default device."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best

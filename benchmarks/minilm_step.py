@@ -12,38 +12,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
-from minilm_setup import NUM_CLASSES, MiniLMSetup
-
-from jft.models import BertConfig
+from minilm_setup import NUM_CLASSES, MiniLMSetup, forward_flops, matmul_peak_flops
 
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'examples per step')
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps after the warm-up')
-
-
-def forward_flops(config: BertConfig, batch: int, length: int, num_classes: int) -> float:
-  """Multiply-adds x 2 of the encoder's matmuls and the head, for one forward pass."""
-  hidden, inner = config.hidden_size, config.intermediate_size
-  per_token_per_layer = (2 * 4 * hidden * hidden  # query, key, value, attention output
-                         + 2 * 2 * hidden * inner  # the MLP's two matmuls
-                         + 2 * 2 * length * hidden)  # scores q.k and the weighted sum of values
-  return batch * (length * config.num_hidden_layers * per_token_per_layer + 2 * hidden * num_classes)
-
-
-def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-  """The best FLOP/s of a float32 [size, size] @ [size, size] on the default device."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    dot(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
 
 
 def main(_):

@@ -4,7 +4,8 @@ stdin/stdout so the two frameworks can take turns on the same CPU in one benchma
 Runs only in the separate PyTorch virtual environment (torch, transformers, numpy); never imported by jft.
 One JSON command per input line, one JSON answer per output line:
   {"op": "setup", "model_dir": DIR, "num_classes": 8, "head_dropout": 0.1, "lr": 1e-4, "weight_decay": 0.01,
-   "warmup_steps": 10, "total_steps": 1000, "clip_norm": 1.0}
+   "warmup_steps": 10, "total_steps": 1000, "clip_norm": 1.0, "device": "cpu" | "cuda",
+   "matmul_precision": "highest" | "high"}   ("high": float32 matmuls on TF32 tensor cores, JAX's GPU default)
   {"op": "train", "batch": {"input_ids": [[...]], "attention_mask": ..., "token_type_ids": ..., "label": [...]},
    "steps": N}                                     -> {"times": [seconds of each step], "loss": last loss}
   {"op": "eval", "batch": {...}, "steps": N}       -> {"times": [...]}   (eval mode, no gradients)
@@ -49,20 +50,31 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmu
   return optimizer, schedule
 
 
-def tensors(batch: dict) -> dict[str, torch.Tensor]:
-  return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+def tensors(batch: dict, device: str) -> dict[str, torch.Tensor]:
+  return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+def synchronize(device: str) -> None:
+  if device.startswith('cuda'):
+    torch.cuda.synchronize(device)
 
 
 class Worker:
 
-  def setup(self, model_dir, num_classes, head_dropout, lr, weight_decay, warmup_steps, total_steps, clip_norm):
+  def setup(self, model_dir, num_classes, head_dropout, lr, weight_decay, warmup_steps, total_steps, clip_norm,
+            device='cpu', matmul_precision='highest'):
     torch.manual_seed(0)
-    self.model = MeanPoolClassifier(model_dir, num_classes, head_dropout)
+    torch.set_float32_matmul_precision(matmul_precision)
+    self.device = device
+    self.model = MeanPoolClassifier(model_dir, num_classes, head_dropout).to(device)
     self.optimizer, self.schedule = make_optimizer(self.model, lr, weight_decay, warmup_steps, total_steps)
     self.clip_norm = clip_norm
     return {'torch': torch.__version__, 'transformers': transformers.__version__,
-            'threads': torch.get_num_threads(),
+            'threads': torch.get_num_threads(), 'device': self.device_name(),
             'attention': getattr(self.model.encoder.config, '_attn_implementation', None)}
+
+  def device_name(self) -> str:
+    return torch.cuda.get_device_name(self.device) if self.device.startswith('cuda') else 'cpu'
 
   def train_step(self, inputs, labels) -> float:
     self.model.train()
@@ -75,7 +87,7 @@ class Worker:
     return loss.item()
 
   def train(self, batch, steps):
-    batch = tensors(batch)
+    batch = tensors(batch, self.device)
     labels = batch.pop('label')
     times, loss = [], None
     for _ in range(steps):
@@ -85,7 +97,7 @@ class Worker:
     return {'times': times, 'loss': loss}
 
   def eval(self, batch, steps):
-    batch = tensors(batch)
+    batch = tensors(batch, self.device)
     batch.pop('label', None)
     self.model.eval()
     times = []
@@ -97,12 +109,14 @@ class Worker:
     return {'times': times}
 
   def matmul(self, size, repeats):
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, device=self.device), torch.randn(size, size, device=self.device)
     a @ b
+    synchronize(self.device)
     best = float('inf')
     for _ in range(repeats):
       start = time.perf_counter()
       a @ b
+      synchronize(self.device)
       best = min(best, time.perf_counter() - start)
     return {'flop_per_s': 2 * size**3 / best}
 

@@ -2,7 +2,8 @@
 or (--mode=end_to_end) the whole main job.
 
 python benchmarks/vs_pytorch.py [--lengths=32,64,128] [--rounds=5] [--round_size=2]
-                                [--torch_venv=~/.cache/jft/torch-venv]
+                                [--torch_venv=~/.cache/jft/torch-venv] [--batch_size=32] [--model=minilm]
+                                [--matmul_precision=default|float32]
 python benchmarks/vs_pytorch.py --mode=end_to_end [--config=configs/minilm_fortunes.py] [--config.FIELD=VALUE]
 
 Both fine-tune the same classifier on the same batch of 32 token sequences: the pretrained MiniLM encoder,
@@ -11,8 +12,13 @@ PyTorch runs in its own process (benchmarks/pytorch_minilm.py) inside its own vi
 first use with `torch==2.13.0` (CPU wheel) and `transformers`; jft never imports torch. The two take turns in
 rounds (`round_size` steps of one, then of the other) so that noise on a shared machine hits both alike.
 Prints, per shape, each median step time, the ratio jft / PyTorch and each one's achieved matmul FLOP/s as a
-fraction of the matmul peak measured in the same run (the best of jax's and PyTorch's 2048^3 float32 matmul),
-then the same for the eval-mode forward pass at 64 x 64.
+fraction of the matmul peak measured in the same run (the best of jax's and PyTorch's 2048^3 float32 matmul,
+8192^3 on a GPU), then the same for the eval-mode forward pass at (2 x batch_size) x 64.
+
+On a GPU (jax's default backend), PyTorch runs on CUDA too. `--matmul_precision=default` leaves JAX's default,
+which computes float32 matmuls on TF32 tensor cores on recent GPUs, and sets PyTorch's to match ('high');
+`float32` makes both exact float32. `--model=DIR` times any BERT directory of the same shape, e.g. randomly
+initialised weights saved by `transformers` where the pretrained package is not installed.
 
 End to end: the wall time from launch to the final test metrics of `python -m jft.main --config=...` (a cold
 start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
@@ -33,12 +39,11 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup
-from minilm_step import forward_flops, matmul_peak_flops
+from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup, forward_flops, matmul_peak_flops
 from ml_collections import config_flags
 from timing import machine
 
-from jft import data, model_files
+from jft import model_files
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn
 
@@ -48,12 +53,15 @@ _ROUND_SIZE = flags.DEFINE_integer('round_size', 2, 'steps per turn')
 _MODE = flags.DEFINE_enum('mode', 'steps', ['steps', 'end_to_end'], 'step times, or the whole main job')
 DEFAULT_CONFIG = 'configs/minilm_fortunes.py'
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'the job of --mode=end_to_end')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'examples per training step (the eval forward: twice as many)')
+_MODEL = flags.DEFINE_string('model', 'minilm', 'the encoder: a registered name or a Hugging Face BERT directory')
+_MATMUL_PRECISION = flags.DEFINE_enum('matmul_precision', 'default', ['default', 'float32'],
+                                      "float32 matmuls: each framework's GPU default (TF32), or exact float32")
 _TORCH_VENV = flags.DEFINE_string('torch_venv', '~/.cache/jft/torch-venv',
                                   'virtual environment with torch and transformers; created if missing')
 TORCH_PACKAGES = ('torch==2.13.0', 'transformers', 'numpy')
 TORCH_INDEX = 'https://download.pytorch.org/whl/cpu'
-BATCH = 32
-EVAL_SHAPE = (64, 64)
+EVAL_LENGTH = 64
 WORKER = pathlib.Path(__file__).with_name('pytorch_minilm.py')
 
 
@@ -144,6 +152,8 @@ def take_turns(jft_run, torch_run, rounds: int, round_size: int) -> tuple[list[f
 
 def export_texts(config, path: str) -> None:
   """The train, validation and test texts and labels of `config.data`, as jft's builder stores them."""
+  from jft import data  # here: the step mode needs no tfds or grain (e.g. on an accelerator machine without them)
+
   splits = {}
   for name in (config.data.train_split, config.data.validation_split, config.data.test_split):
     source = data.data_source(config.data.name, name, config.data.data_dir, config.data.get('classes'))
@@ -203,18 +213,24 @@ def main(_):
   python = torch_python(_TORCH_VENV.value)
   if _MODE.value == 'end_to_end':
     return end_to_end(python)
+  on_gpu = jax.default_backend() == 'gpu'
+  if _MATMUL_PRECISION.value == 'float32':
+    jax.config.update('jax_default_matmul_precision', 'float32')
   worker = TorchWorker(python)
   try:
     rows = []
-    model_dir = model_files.pretrained_dir('minilm')
+    model_dir = model_files.pretrained_dir(_MODEL.value)
     info = worker('setup', model_dir=model_dir, num_classes=NUM_CLASSES, head_dropout=0.1, lr=OPTIM['lr'],
                   weight_decay=OPTIM['weight_decay'], warmup_steps=OPTIM['warmup_steps'], total_steps=1000,
-                  clip_norm=OPTIM['clip_norm'])
-    print(f'machine: {machine()}; jax {jax.__version__}; PyTorch {info["torch"]} ({info["threads"]} threads, '
-          f'attention {info["attention"]}), transformers {info["transformers"]}', flush=True)
-    shapes = [('train', BATCH, int(length)) for length in _LENGTHS.value if length] + [('eval', *EVAL_SHAPE)]
+                  clip_norm=OPTIM['clip_norm'], device='cuda' if on_gpu else 'cpu',
+                  matmul_precision='high' if on_gpu and _MATMUL_PRECISION.value == 'default' else 'highest')
+    print(f'machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].device_kind}; PyTorch {info["torch"]} '
+          f'on {info["device"]} ({info["threads"]} threads, attention {info["attention"]}), transformers '
+          f'{info["transformers"]}; float32 matmuls: {_MATMUL_PRECISION.value}', flush=True)
+    batch = _BATCH_SIZE.value
+    shapes = [('train', batch, int(length)) for length in _LENGTHS.value if length] + [('eval', 2 * batch, EVAL_LENGTH)]
     for kind, batch_size, length in shapes:
-      setup = MiniLMSetup(batch_size, length)
+      setup = MiniLMSetup(batch_size, length, _MODEL.value)
       torch_batch = as_lists(setup.batch)
       if kind == 'train':
         jft_run, compile_s = jft_train(setup)
@@ -232,12 +248,14 @@ def main(_):
       rows.append(row)
       print(f'{kind} {batch_size} x {length}: jft {row["jft_s"]:.3f} s, PyTorch {row["torch_s"]:.3f} s, '
             f'jft / PyTorch {row["ratio"]:.2f}', flush=True)
-    jax_peak = matmul_peak_flops()
-    torch_peak = worker('matmul', size=2048, repeats=10)['flop_per_s']
+    peak_size = 8192 if on_gpu else 2048  # a GPU needs a larger product to reach its peak
+    jax_peak = matmul_peak_flops(peak_size)
+    torch_peak = worker('matmul', size=peak_size, repeats=10)['flop_per_s']
   finally:
     worker.close()
   peak = max(jax_peak, torch_peak)
-  print(f'\nmatmul peak (2048^3 float32): jax {jax_peak / 1e9:.0f} GFLOP/s, PyTorch {torch_peak / 1e9:.0f} GFLOP/s')
+  print(f'\nmatmul peak ({peak_size}^3 float32): jax {jax_peak / 1e9:.0f} GFLOP/s, '
+        f'PyTorch {torch_peak / 1e9:.0f} GFLOP/s')
   print(f'{"":6s} {"shape":>9s} {"jft s":>7s} {"PyTorch s":>9s} {"jft/PyTorch":>11s} '
         f'{"jft %peak":>9s} {"PyTorch %peak":>13s} {"jft compile s":>13s}')
   for row in rows:
@@ -245,7 +263,9 @@ def main(_):
     jft_fraction, torch_fraction = row['flops'] / row['jft_s'] / peak, row['flops'] / row['torch_s'] / peak
     print(f'{row["kind"]:6s} {row["batch"]:>4d} x {row["length"]:<3d} {row["jft_s"]:7.3f} {row["torch_s"]:9.3f} '
           f'{row["ratio"]:11.2f} {jft_fraction:9.1%} {torch_fraction:13.1%} {compile_s:>13s}')
-  print(json.dumps({'machine': machine(), 'jax_peak': jax_peak, 'torch_peak': torch_peak, 'rows': rows}))
+  print(json.dumps({'machine': machine(), 'device': jax.devices()[0].device_kind, 'torch_device': info['device'],
+                    'matmul_precision': _MATMUL_PRECISION.value, 'jax_peak': jax_peak, 'torch_peak': torch_peak,
+                    'rows': rows}))
 
 
 if __name__ == '__main__':
