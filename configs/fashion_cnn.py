@@ -18,6 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every = 20 if quick else 1000
   config.checkpoint_every = 20 if quick else 1000
   config.checkpoint = dict(keep_latest=2, keep_best=1, best_metric='accuracy', best_mode='max')
+  # A step whose loss or gradient is NaN or inf is never applied; up to this many are skipped, one more stops the
+  # run (exit 3, jft/divergence.py).
+  config.skip_nonfinite = 0
 
   config.data = dict(
       name='fashion',

@@ -1,27 +1,108 @@
 """Checkpoints with orbax: async saves of the train state, data iterator position and config; exact resume.
 
-Each step directory holds three items, readable with plain orbax: `state` (the `TrainState`: step,
-params, opt_state, model_state, rng), `data` (the data iterator's JSON state) and `config` (JSON).
+Each step directory holds four items, readable with plain orbax: `state` (the `TrainState`: step,
+params, opt_state, model_state, rng), `data` (the data iterator's JSON state), `config` (JSON) and
+`fingerprint` (JSON: a 32-bit fingerprint of each array, jft/fingerprint.py, checked on restore).
 Every process of a multi-host run takes part in each save and restore; the data state is one global position,
 checked equal on every host. A restore lays the arrays out on the shardings of the abstract state it is given,
 so a run saved on one mesh or process count resumes on any other.
 """
 
+import contextlib
+import gc
 import hashlib
 import json
+import logging as std_logging
 import os
+import sys
+import threading
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jft import tree_paths
+from jft import fingerprint, tree_paths
 from jft.errors import UserError
 from jft.state import TrainState
+
+
+class DamagedCheckpoint(Exception):
+  """A checkpoint that fits the train state but cannot be read."""
+
+  def __init__(self, step: int, directory: epath.Path, reason: str):
+    super().__init__(f'the checkpoint at step {step} in {directory} cannot be read: {reason}')
+    self.step = step
+
+
+def _root_cause(error: BaseException) -> str:
+  """The first line of the innermost cause of `error` (orbax wraps tensorstore's precise message)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  return f'{type(error).__name__}: {str(error).splitlines()[0][:400]}'
+
+
+@contextlib.contextmanager
+def _quiet_background_errors():
+  """While a restore is tried: orbax reads the arrays in background coroutines and threads, and when one read
+  fails the others fail after it, each printed with a traceback by Python. Those go to the debug log instead;
+  the restore's own error is reported once, by the caller."""
+  hooks = sys.unraisablehook, threading.excepthook
+  futures_logger = std_logging.getLogger('concurrent.futures')
+  level = futures_logger.level
+  sys.unraisablehook = lambda report: logging.debug('while reading a checkpoint: %r', report.exc_value)
+  threading.excepthook = lambda report: logging.debug('while reading a checkpoint: %r', report.exc_value)
+  futures_logger.setLevel(std_logging.CRITICAL)
+  try:
+    yield
+  finally:
+    sys.unraisablehook, threading.excepthook = hooks
+    futures_logger.setLevel(level)
+
+
+def _drop_later_reports_of_failed_reads() -> None:
+  """A failed restore leaves orbax's other reads running: they fail later (their coroutines, or tensorstore's
+  callbacks into orbax's closed event loop), and Python would print each with a traceback. From now on those
+  reports, and only those, go to the debug log."""
+  if getattr(sys.unraisablehook, 'drops_failed_reads', False):
+    return
+
+  def of_failed_read(value, obj=None) -> bool:
+    return (getattr(obj, '__qualname__', '') == '_read_array_index_and_device_put'
+            or (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'))
+
+  unraisable, excepthook, thread_excepthook = sys.unraisablehook, sys.excepthook, threading.excepthook
+
+  def unraisable_hook(report):
+    if of_failed_read(report.exc_value, report.object):
+      logging.debug('a read of a damaged checkpoint failed: %r', report.exc_value)
+    else:
+      unraisable(report)
+
+  def except_hook(kind, value, tb):
+    if of_failed_read(value):
+      logging.debug('a read of a damaged checkpoint failed: %r', value)
+    else:
+      excepthook(kind, value, tb)
+
+  def thread_except_hook(report):
+    if of_failed_read(report.exc_value):
+      logging.debug('a read of a damaged checkpoint failed: %r', report.exc_value)
+    else:
+      thread_excepthook(report)
+
+  unraisable_hook.drops_failed_reads = True
+  sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable_hook, except_hook, thread_except_hook
+
+
+def _leaf_shapes(tree: Any) -> list[tuple[int, ...]]:
+  """The sorted shapes of a tree's arrays: equal for a saved tree and the state it was saved from, whatever the
+  containers (orbax stores named tuples and dataclasses as dicts)."""
+  return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'shape'))
 
 
 class Checkpoints:
@@ -43,7 +124,7 @@ class Checkpoints:
     # orbax finds no tree metadata under a relative path; a remote one (gs://...) is absolute already.
     self.directory = epath.Path(directory) if '://' in str(directory) else epath.Path(os.path.abspath(directory))
     handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
-                    config=ocp.JsonCheckpointHandler())
+                    config=ocp.JsonCheckpointHandler(), fingerprint=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -63,26 +144,66 @@ class Checkpoints:
       digest = np.frombuffer(hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest(), np.uint32)
       multihost_utils.assert_equal(digest, 'the data iterator states of the hosts differ')
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), metrics=metrics, force=True)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config),
+        fingerprint=ocp.args.JsonSave(fingerprint.of(state))), metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Any]:
-    """(state, data iterator state) of `step`, restored onto `abstract_state` (shapes, dtypes, shardings)."""
-    saved = self.manager.item_metadata(step)['state'].tree
+    """(state, data iterator state) of `step`, restored onto `abstract_state` (shapes, dtypes, shardings).
+
+    Raises `UserError` if the checkpoint holds another model or train state, and `DamagedCheckpoint` if it
+    fits but cannot be read (missing metadata, a truncated or corrupt array file)."""
+    try:
+      saved = self.manager.item_metadata(step)['state'].tree
+    except Exception as e:  # whatever orbax raises on unreadable metadata
+      raise DamagedCheckpoint(step, self.directory, f'its metadata cannot be read ({type(e).__name__}: {e})'
+                              ) from None
     mismatches = tree_paths.shape_mismatches(abstract_state.params, saved['params'])
     if mismatches:
       raise UserError(
           f'the checkpoint at step {step} in {self.directory} does not fit the configured model:\n'
           + '\n'.join(mismatches)
           + '\nuse the config the checkpoint was written with, or a new --workdir')
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured train '
-                      f'state ({type(e).__name__}: {e}); use the config it was written with, or a new --workdir'
-                      ) from None
+    if _leaf_shapes(saved) != _leaf_shapes(abstract_state):
+      raise UserError(f'the checkpoint at step {step} in {self.directory} does not fit the configured train state '
+                      '(its optimizer state or model state differs); use the config it was written with, or a new '
+                      '--workdir')
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    if self._has_fingerprint(step):  # older checkpoints have none: they restore unchecked
+      items['fingerprint'] = ocp.args.JsonRestore()
+    failure = None
+    with _quiet_background_errors():
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # the tree fits: what failed is reading the files
+        failure = e
+        gc.collect()  # the restore's other reads, failing too, end here, while their reports are kept quiet
+    if failure is not None:
+      _drop_later_reports_of_failed_reads()
+      raise DamagedCheckpoint(step, self.directory, _root_cause(failure))
+    changed = fingerprint.mismatches(restored['fingerprint'], restored['state']) if 'fingerprint' in items else []
+    if changed:
+      raise DamagedCheckpoint(step, self.directory, f'{len(changed)} array(s) read back other than they were saved '
+                              f'(their fingerprints differ: {", ".join(changed[:3])}{", ..." * (len(changed) > 3)}); '
+                              'the files were changed or corrupted on disk')
     return restored['state'], restored['data']
+
+  def _has_fingerprint(self, step: int) -> bool:
+    return (self.directory / str(step) / 'fingerprint').exists()
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Moves the damaged `step` out of the manager's directory into `damaged_checkpoints/` beside it (kept, not
+    deleted: it may hold something worth recovering), so later saves of that step do not collide with it."""
+    target = self.directory.parent / 'damaged_checkpoints' / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      suffix = 1
+      while target.exists():
+        target, suffix = self.directory.parent / 'damaged_checkpoints' / f'{step}.{suffix}', suffix + 1
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'jft: checkpoint {step} set aside')
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

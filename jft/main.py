@@ -7,6 +7,7 @@ The only place that turns a config into components (data, model, optimizer, stat
 the train loop. Running the same command again in the same DIR resumes from the latest checkpoint.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -20,15 +21,28 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jft import compilation_cache, components, data, distill, distributed, metric_writer, optim, pmap_backend, sharding
+from jft import (
+  compilation_cache,
+  components,
+  data,
+  distill,
+  distributed,
+  divergence,
+  metric_writer,
+  optim,
+  pmap_backend,
+  preemption,
+  sharding,
+)
 from jft import init as init_lib
 from jft import stages as stages_lib
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn
-from jft.checkpoint import Checkpoints
+from jft.checkpoint import Checkpoints, DamagedCheckpoint
 from jft.errors import UserError
 from jft.metric_writer import MetricWriter
 from jft.state import TrainState, create_train_state
+from jft.workdir_lock import WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'work directory: config.json, metrics.jsonl, checkpoints/')
@@ -42,10 +56,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ('total_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every'):
     if config[field] <= 0:
       raise UserError(f'config.{field} must be a positive integer, got {config[field]}')
+  if config.get('skip_nonfinite', 0) < 0:
+    raise UserError(f'config.skip_nonfinite must be 0 or more (steps with a NaN or inf loss that may be skipped), '
+                    f'got {config.skip_nonfinite}')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) per `config` in `workdir` (a local path or e.g. gs://); returns the final test metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       preempted: preemption.PreemptionWatch | None = None) -> dict[str, float]:
+  """Trains (or resumes) per `config` in `workdir` (a local path or e.g. gs://); returns the final test metrics.
+
+  Raises `divergence.Diverged` after more than `config.skip_nonfinite` steps with a NaN or inf loss or gradient,
+  and `preemption.Preempted` after saving the step at which `preempted` (the command line's signal watch) fired.
+  """
   started = time.perf_counter()
   workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
   # Setup: every config check runs here, before anything is written.
@@ -89,14 +111,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   checkpoints = Checkpoints(workdir / 'checkpoints', **config.checkpoint)
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
-  resume_step = checkpoints.latest_step()
-  runner = stages_lib.StageRunner(stages, compile_stage, resume_step or 0)
-  state_sharding = runner.current.state_sharding
+  resume_step, restored = None, None
+  for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
+    runner = stages_lib.StageRunner(stages, compile_stage, step)
+    target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)  # this run's mesh
+    try:
+      restored, resume_step = checkpoints.restore(step, target), step
+      break
+    except DamagedCheckpoint as e:
+      moved = checkpoints.set_aside(step)
+      _warn(f'{e}\nmoved it to {moved} (kept for inspection) and trying the step before it')
   if resume_step is None:
-    state = init_state(config, model, init_rng, make_state, runner.current.tx, state_sharding)
+    if (workdir / 'damaged_checkpoints').exists():
+      raise UserError(f'no readable checkpoint is left in {checkpoints.directory} (the damaged ones are in '
+                      f'{workdir / "damaged_checkpoints"}), so this run cannot resume: give a new --workdir to start '
+                      'over, or move damaged_checkpoints/ away to start over in this one')
+    runner = stages_lib.StageRunner(stages, compile_stage, 0)
+    state = init_state(config, model, init_rng, make_state, runner.current.tx, runner.current.state_sharding)
   else:
-    target = sharding.abstract(abstract_state(runner.current.tx), state_sharding)  # this run's mesh, whatever saved it
-    state, data_state = checkpoints.restore(resume_step, target)
+    state, data_state = restored
     train_batches.set_state(data_state)
     logging.info('resumed from step %d (stage %d)', resume_step, runner.current.stage.index)
 
@@ -116,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # The loop: next batch -> on the mesh -> hooks -> step -> log / evaluate / save.
   log = metric_writer.TrainLog()
+  nonfinite = divergence.NonfiniteWatch(config.get('skip_nonfinite', 0), advice=_divergence_advice(config))
   first_step = int(state.step) + 1
   bar = tqdm.tqdm(range(first_step, config.total_steps + 1), initial=first_step - 1, total=config.total_steps,
                   unit='step', mininterval=1.0, disable=jax.process_index() != 0)
@@ -128,22 +162,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = hook.on_batch(batch)
     state, metrics = runner.train_step(state, batch)
     log.add(metrics)
+    nonfinite.add(step, metrics['nonfinite'])
     if step == first_step:  # the one wait outside logging: setup, data, compilation (or its cache), one step
       jax.block_until_ready(metrics)
       log.first_step_done({'seconds_to_first_step': time.perf_counter() - started,
                            **{f'compilation_cache_{k}': v for k, v in compilation_cache.counts().items()
                               if jax.config.jax_compilation_cache_dir}})
     last = step == config.total_steps
+    stop = preempted is not None and preempted.reached(step)
+    save = step % config.checkpoint_every == 0 or last or stop
     if step % config.log_every == 0 or last:
       means = log.flush()
       writer.write(step, 'train', {**means, **{k: v for hook in hooks for k, v in hook.report(state).items()}})
-      bar.set_postfix(loss=f"{means['loss']:.4f}")
+      bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+    if step % config.log_every == 0 or save:  # where the loop waits anyway
+      try:
+        nonfinite.check()
+      except divergence.Diverged as e:
+        bar.close()
+        checkpoints.wait()  # the saves already started hold good states: let them finish
+        checkpoints.close()
+        writer.close()
+        raise divergence.Diverged(f'{e} {_last_good_checkpoint(checkpoints)}') from None
     validation = None
     if config.data.validation_split and (step % config.eval_every == 0 or last):
       validation = evaluate(config.data.validation_split, state)
       writer.write(step, 'validation', validation)
-    if step % config.checkpoint_every == 0 or last:
+    if save:
       checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation)
+    if stop:
+      bar.close()
+      checkpoints.wait()
+      checkpoints.close()
+      writer.close()
+      raise preemption.Preempted(f'{preempted.signal.name}: saved the checkpoint of step {step} in '
+                                 f'{checkpoints.directory}; run the same command to resume from it')
     log.resume_clock()  # steps_per_sec counts training alone, not the evaluations and saves
   bar.close()
   checkpoints.wait()
@@ -171,9 +224,47 @@ def init_state(config: ml_collections.ConfigDict, model: components.Model, init_
                  donate_argnums=(0, 1))(params, model_state)
 
 
-def _fail(message: str) -> None:
+def _divergence_advice(config: ml_collections.ConfigDict) -> str:
+  optim_config = config.get('optim', {})
+  return (f"a lower learning rate (--config.optim.lr, now {optim_config.get('lr')}) or gradient clipping "
+          f"(--config.optim.clip_norm=1.0, now {optim_config.get('clip_norm')})")
+
+
+def _last_good_checkpoint(checkpoints: Checkpoints) -> str:
+  step = checkpoints.latest_step()
+  if step is None:
+    return 'No checkpoint had been saved yet: run again, it starts from the beginning.'
+  return f'The last good checkpoint, step {step} in {checkpoints.directory}, is kept unchanged.'
+
+
+@contextlib.contextmanager
+def _workdir(path: str):
+  """Creates the work directory if needed and holds its lock (process 0, local directories) for the run."""
+  workdir = epath.Path(path)
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f'--workdir={path} is a file, not a directory: give a directory (it is created if missing)')
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create the work directory {path} ({e.strerror or e}): give a --workdir you can '
+                    'write to') from None
+  if '://' in path or jax.process_index() != 0:
+    yield
+    return
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UserError(f'the work directory {path} is not writable: fix its permissions or give another --workdir')
+  with WorkdirLock(path):
+    yield
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f'jft: warning: {message}', file=sys.stderr, flush=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
   print(f'jft: error: {message}', file=sys.stderr)
-  distributed.exit_process(2)  # a lone failing process of a multi-host run must not wait for the others
+  distributed.exit_process(code)  # a lone failing process of a multi-host run must not wait for the others
 
 
 def main() -> None:
@@ -187,10 +278,15 @@ def main() -> None:
   compilation_cache.enable(_COMPILATION_CACHE.value)
   try:
     distributed.initialize_from_flags()  # before anything asks jax about devices
-    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
-    test = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    with preemption.PreemptionWatch() as preempted, _workdir(_WORKDIR.value):
+      test = train_and_evaluate(_CONFIG.value, _WORKDIR.value, preempted)
   except UserError as e:
     _fail(str(e))
+  except divergence.Diverged as e:
+    _fail(str(e), divergence.EXIT_CODE)
+  except preemption.Preempted as e:
+    print(f'jft: preempted by {e}', file=sys.stderr, flush=True)
+    distributed.exit_process(preemption.EXIT_CODE)
   if jax.process_index() == 0:
     print(json.dumps({'split': 'test', **{k: v for k, v in test.items() if k != 'confusion_matrix'}}))
 

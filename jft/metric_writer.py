@@ -77,8 +77,14 @@ class TrainLog:
     self.startup, self.untimed, self.start_after_first = startup, len(self.pending), time.perf_counter()
 
   def flush(self) -> dict[str, float]:
-    """The means of the metrics added since the last flush, `steps_per_sec`, and once the startup facts."""
-    means = {k: float(v) for k, v in jax.tree.map(lambda *x: np.mean(x), *jax.device_get(self.pending)).items()}
+    """The means of the metrics added since the last flush, `steps_per_sec`, and once the startup facts.
+    Steps whose update was skipped (`nonfinite`, jft/divergence.py) are counted, not averaged in."""
+    pending = jax.device_get(self.pending)
+    skipped = sum(int(metrics.pop('nonfinite', 0)) for metrics in pending)
+    finite = [metrics for metrics in pending if all(np.isfinite(v) for v in metrics.values())]
+    means = {k: float(v) for k, v in jax.tree.map(lambda *x: np.mean(x), *finite).items()} if finite else {}
+    if skipped:
+      means['nonfinite_steps'] = skipped
     timed, start = len(self.pending), self.start
     if 0 < self.untimed < timed:
       timed, start = timed - self.untimed, self.start_after_first

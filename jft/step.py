@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jft import divergence, rules, sharding
 from jft import metrics as metrics_lib
-from jft import rules, sharding
 from jft.apply_fn import ApplyFn
 from jft.state import TrainState
 
@@ -32,7 +32,8 @@ def model_inputs(batch: Batch) -> Batch:
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainable: Any = None,
                     loss_fn: LossFn = cross_entropy_loss,
                     axis_name: str | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """`train_step(state, batch) -> (state, metrics)`: `loss_fn(logits, batch)`, one optimizer update.
+  """`train_step(state, batch) -> (state, metrics)`: `loss_fn(logits, batch)`, one optimizer update, not applied
+  when the loss or gradient norm is NaN or inf (metric `nonfinite` 1; jft/divergence.py).
 
   The loss defaults to softmax cross-entropy; `distill.make_loss` adds a teacher's soft targets.
 
@@ -66,16 +67,21 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainab
     # Frozen parameters get zero gradients, which the optimizer's freezing discards (XLA removes them).
     grads = rules.merge_trainable(trainable_grads, jax.tree.map(jnp.zeros_like, frozen_params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    trainable_params = optax.apply_updates(trainable_params, rules.split_trainable(updates, mask)[0])
-    params = rules.merge_trainable(trainable_params, frozen_params)  # frozen: the very same arrays
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
-    return new_state, mean_over_devices({
+    new_trainable = optax.apply_updates(trainable_params, rules.split_trainable(updates, mask)[0])
+    metrics = mean_over_devices({
         'loss': loss,
         # Over the labelled examples: a label of -1 marks a text only a teacher labels (jft/distill.py).
         'accuracy': jnp.sum((jnp.argmax(logits, -1) == batch['label']) & (batch['label'] >= 0))
                     / jnp.maximum(jnp.sum(batch['label'] >= 0), 1),
         'grad_norm': optax.tree.norm(trainable_grads),
     })
+    # A NaN or inf loss or gradient: the update is not applied (jft/divergence.py); the step still counts.
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    new_trainable, opt_state, model_state = divergence.keep_if_finite(
+        finite, (new_trainable, opt_state, model_state), (trainable_params, state.opt_state, state.model_state))
+    params = rules.merge_trainable(new_trainable, frozen_params)  # frozen: the very same arrays
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+    return new_state, {**metrics, 'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
 
   return train_step
 

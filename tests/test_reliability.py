@@ -1,0 +1,273 @@
+"""Failures and recovery: preemption (SIGTERM), divergence (exit 3), damaged checkpoints, one run per work
+directory. The command-line cases use digits_cnn:quick (about 10 s a run)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from contract import ROOT, TOOLS, run_main
+from test_checkpoint import small_state
+
+from jft import divergence, fingerprint, sharding
+from jft import step as step_lib
+from jft.checkpoint import Checkpoints, DamagedCheckpoint
+from jft.errors import UserError
+from jft.metric_writer import TrainLog
+from jft.state import create_train_state
+from jft.workdir_lock import WorkdirLock
+
+DIGITS = '--config=configs/digits_cnn.py:quick'
+
+
+# --- fingerprints ------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_the_weighted_sum_of_the_bits_and_sees_one_flipped_bit():
+  x = np.linspace(-3, 3, 1000, dtype=np.float32)
+  bits = x.view(np.uint32).astype(np.uint64)
+  weights = (np.arange(x.size, dtype=np.uint64) * 0x9E3779B1 * 2 + 1) % 2**32
+  expected = int((bits * weights).sum() % 2**32)
+  tree = {'w': jnp.asarray(x), 'half': jnp.asarray(x[:10], jnp.bfloat16), 'key': jnp.array([1, 2], jnp.uint32)}
+  saved = fingerprint.of(tree)
+  assert saved['w'] == expected
+  assert fingerprint.mismatches(saved, tree) == []
+  for index in (0, 517, 999):
+    for bit in (0, 13, 31):
+      flipped = x.copy()
+      flipped.view(np.uint32)[index] ^= np.uint32(1 << bit)
+      assert fingerprint.mismatches(saved, {**tree, 'w': jnp.asarray(flipped)}) == ['w']
+  assert fingerprint.mismatches(saved, {**tree, 'key': jnp.array([2, 1], jnp.uint32)}) == ['key']
+
+
+# --- damaged checkpoints: detected on restore, set aside, never deleted --------------------------------------
+
+
+def saved_steps(tmp_path, steps=(5, 10)):
+  checkpoints = Checkpoints(str(tmp_path / 'checkpoints'), keep_latest=5, keep_best=0)
+  for step in steps:
+    checkpoints.save(small_state(step=step, width=4096)[0], {'position': step}, {})
+  checkpoints.wait()
+  return checkpoints, jax.eval_shape(lambda: small_state(width=4096)[0])
+
+
+def largest_array_file(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, 'state')) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def truncate(path):
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def overwrite_middle(path):
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    f.write(b'\x5a' * 64)
+
+
+@pytest.mark.parametrize('damage', [
+    lambda step_dir: truncate(largest_array_file(step_dir)),
+    lambda step_dir: overwrite_middle(largest_array_file(step_dir)),  # reads back silently: the fingerprint tells
+    lambda step_dir: os.remove(os.path.join(step_dir, 'state', '_METADATA')),
+], ids=['truncated', 'overwritten', 'metadata-missing'])
+def test_damaged_checkpoint_is_detected_and_set_aside_not_deleted(tmp_path, damage):
+  checkpoints, target = saved_steps(tmp_path)
+  damage(str(tmp_path / 'checkpoints' / '10'))
+  with pytest.raises(DamagedCheckpoint, match='step 10'):
+    checkpoints.restore(10, target)
+  moved = checkpoints.set_aside(10)
+  assert moved == tmp_path / 'damaged_checkpoints' / '10' and os.path.isdir(os.path.join(moved, 'state'))
+  assert checkpoints.all_steps() == [5]
+  state, data_state = checkpoints.restore(5, target)
+  assert int(state.step) == 5 and data_state == {'position': 5}
+  checkpoints.save(small_state(step=10, width=4096)[0], {'position': 10}, {})  # no collision with the damaged one
+  checkpoints.wait()
+  assert checkpoints.all_steps() == [5, 10]
+
+
+def test_a_checkpoint_of_another_state_is_a_user_error_not_damage(tmp_path):
+  checkpoints, _ = saved_steps(tmp_path, steps=(5,))
+  state, _ = small_state(width=4096)
+  other = state.replace(opt_state=optax.sgd(0.1).init(state.params))  # same params, another optimizer
+  with pytest.raises(UserError, match='optimizer state'):
+    checkpoints.restore(5, jax.eval_shape(lambda: other))
+
+
+# --- divergence: a non-finite update is never applied --------------------------------------------------------
+
+
+def linear_apply(params, model_state, inputs, train, rng):
+  del train, rng
+  return inputs['x'] @ params['w'], model_state
+
+
+def test_update_with_a_nonfinite_loss_is_not_applied_but_the_step_counts():
+  tx = optax.adam(0.1)
+  state = create_train_state({'w': jnp.ones((2, 3))}, {}, tx, jax.random.PRNGKey(0))
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(linear_apply, tx), mesh)
+  good = {'x': np.ones((4, 2), np.float32), 'label': np.zeros(4, np.int32)}
+  bad = {'x': np.array([[1, np.nan]] * 4, np.float32), 'label': np.zeros(4, np.int32)}
+  state, metrics = train_step(state, sharding.put_batch(good, mesh))
+  assert int(metrics['nonfinite']) == 0
+  before = jax.device_get(state)
+  state, metrics = train_step(state, sharding.put_batch(bad, mesh))
+  assert int(metrics['nonfinite']) == 1 and not np.isfinite(float(metrics['loss']))
+  assert int(state.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before.params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), before.opt_state)
+  state, metrics = train_step(state, sharding.put_batch(good, mesh))
+  assert int(metrics['nonfinite']) == 0 and int(state.opt_state[0].count) == 2  # the skipped step left no trace
+
+
+def test_nonfinite_watch_skips_up_to_its_budget_then_names_the_step():
+  watch = divergence.NonfiniteWatch(budget=2, advice='a lower learning rate')
+  for step, flag in zip(range(1, 8), [0, 1, 0, 0, 1, 0, 0], strict=True):
+    watch.add(step, jnp.int32(flag))
+  watch.check()  # two skipped: within the budget
+  watch.add(8, jnp.int32(0))
+  watch.add(9, jnp.int32(1))
+  with pytest.raises(divergence.Diverged, match=r'at step 9; .*3 such step\(s\): 2, 5, 9'):
+    watch.check()
+
+
+def test_train_log_averages_the_applied_steps_and_counts_the_skipped():
+  log = TrainLog()
+  for loss, nonfinite in ((1.0, 0), (float('nan'), 1), (3.0, 0)):
+    log.add({'loss': jnp.float32(loss), 'nonfinite': jnp.int32(nonfinite)})
+  means = log.flush()
+  assert means['loss'] == 2.0 and means['nonfinite_steps'] == 1
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+def params_sha(workdir, step=None):
+  args = [sys.executable, os.path.join(TOOLS, 'check_workdir.py'), str(workdir)] + ([str(step)] if step else [])
+  out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  return json.loads(out.stdout.strip().splitlines()[-1])['params_sha256']
+
+
+def steps_in(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory, data_dir):
+  """An uninterrupted digits_cnn:quick run (30 steps, checkpoints at 15 and 30)."""
+  workdir = tmp_path_factory.mktemp('digits') / 'run'
+  result = run_main(DIGITS, f'--workdir={workdir}', data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_sigterm_saves_the_current_step_and_the_same_command_resumes_exactly(tmp_path, data_dir):
+  args = [DIGITS, '--config.total_steps=80', '--config.checkpoint_every=1000', '--config.log_every=5']
+  uninterrupted = tmp_path / 'uninterrupted'
+  assert run_main(*args, f'--workdir={uninterrupted}', data_dir=data_dir).returncode == 0
+
+  workdir = tmp_path / 'preempted'
+  command = [sys.executable, '-m', 'jft.main', *args, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}']
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = workdir / 'metrics.jsonl'
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '"step": 10' in metrics.read_text()):  # training, past its first steps
+      assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+      time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 75, stderr[-3000:]
+  (saved,) = steps_in(workdir)  # checkpoint_every is 1000: this checkpoint is the preemption's
+  assert 10 <= saved < 80
+  assert f'saved the checkpoint of step {saved}' in stderr and 'Traceback' not in stderr
+
+  resumed = run_main(*args, f'--workdir={workdir}', data_dir=data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert params_sha(workdir) == params_sha(uninterrupted)
+
+
+def test_diverging_run_exits_3_and_keeps_its_last_good_checkpoint(digits_run, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(digits_run, workdir)
+  good = params_sha(workdir, 30)
+  result = run_main(DIGITS, f'--workdir={workdir}', '--config.total_steps=60', '--config.optim.lr=1e8',
+                    data_dir=data_dir)
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert re.search(r'not finite \(NaN or inf\) at step (3[1-9]|[45]\d);', result.stderr)  # after step 30
+  assert f'The last good checkpoint, step 30 in {workdir / "checkpoints"}' in result.stderr
+  assert '--config.optim.lr' in result.stderr and 'Traceback' not in result.stderr
+  assert steps_in(workdir)[-1] == 30 and params_sha(workdir, 30) == good
+
+  skipping = run_main(DIGITS, f'--workdir={workdir}', '--config.total_steps=45', '--config.optim.lr=1e8',
+                      '--config.skip_nonfinite=100', data_dir=data_dir)
+  assert skipping.returncode == 0, skipping.stderr[-3000:]
+  with open(workdir / 'metrics.jsonl') as f:
+    lines = [json.loads(line) for line in f]
+  assert sum(line.get('nonfinite_steps', 0) for line in lines if line['split'] == 'train') > 0
+  # The one update of lr 1e8 that was finite blew the weights up (the test loss is inf), but every array saved
+  # stays finite: the NaN updates after it were skipped.
+  dump = tmp_path / 'params.npz'
+  subprocess.run([sys.executable, os.path.join(TOOLS, 'check_workdir.py'), str(workdir), '45', '--dump', str(dump)],
+                 check=True, capture_output=True, timeout=300, cwd=ROOT)
+  with np.load(dump) as params:
+    assert params.files and all(np.isfinite(params[name]).all() for name in params.files)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before_and_ends_identical(digits_run, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(digits_run, workdir)
+  overwrite_middle(largest_array_file(str(workdir / 'checkpoints' / '30')))
+  result = run_main(DIGITS, f'--workdir={workdir}', data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'the checkpoint at step 30' in result.stderr and 'damaged_checkpoints/30' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert os.path.isdir(workdir / 'damaged_checkpoints' / '30')
+  assert params_sha(workdir, 30) == params_sha(digits_run, 30)  # retrained from 15, bit for bit
+
+
+def test_no_readable_checkpoint_left_exits_2_naming_the_directory(digits_run, data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(digits_run, workdir)
+  for step in steps_in(workdir):
+    os.remove(workdir / 'checkpoints' / str(step) / 'state' / '_METADATA')
+  result = run_main(DIGITS, f'--workdir={workdir}', data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'no readable checkpoint is left' in result.stderr and 'Traceback' not in result.stderr
+  assert sorted(os.listdir(workdir / 'damaged_checkpoints')) == ['15', '30']
+
+
+def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(digits_run, data_dir, tmp_path):
+  with WorkdirLock(str(digits_run)):
+    result = run_main(DIGITS, f'--workdir={digits_run}', data_dir=data_dir)
+  assert result.returncode == 2 and 'is in use by a live run (pid' in result.stderr
+  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from jft.workdir_lock import WorkdirLock\n'
+                             'with WorkdirLock(sys.argv[1]): print("held", flush=True); time.sleep(600)',
+                             str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  assert holder.stdout.readline().strip() == 'held'
+  with pytest.raises(UserError, match='in use'):
+    WorkdirLock(str(tmp_path)).__enter__()
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with WorkdirLock(str(tmp_path)):  # the killed holder left nothing stuck
+    pass
+
+
+def test_workdir_that_is_a_file_exits_2(tmp_path, data_dir):
+  path = tmp_path / 'a_file'
+  path.write_text('keep me')
+  result = run_main(DIGITS, f'--workdir={path}', data_dir=data_dir)
+  assert result.returncode == 2 and 'is a file, not a directory' in result.stderr
+  assert 'Traceback' not in result.stderr and path.read_text() == 'keep me'
