@@ -9,6 +9,8 @@ from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, '', 'quick'):
+    raise ValueError(f"unknown variant {arg!r} of fashion_cnn: the only one is 'quick' (or none)")
   quick = arg == 'quick'
   config = ml_collections.ConfigDict()
   config.seed = 0

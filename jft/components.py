@@ -95,6 +95,15 @@ def build_pruner(config: ml_collections.ConfigDict, params: PyTree) -> pruning_h
   schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=end_step, every=prune.every,
                   cycles=prune.get('cycles', 1))
   pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **schedule)
+  if prune.start_step < 1:  # step 0 never runs: masks due then would never be computed
+    raise UserError(f'config.prune.start_step is {prune.start_step}, but the train loop counts its steps from 1 '
+                    '(step 1 is the first update), so nothing scheduled at step 0 would ever run: use '
+                    'start_step=1 to prune before the first update')
+  last = prune.start_step if prune.schedule == 'oneshot' else end_step
+  if last > config.total_steps:
+    field = 'start_step' if prune.schedule == 'oneshot' else 'end_step'
+    raise UserError(f'config.prune.{field} is {last}, after the last step ({config.total_steps}): the schedule '
+                    f'would never reach its sparsity; make {field} at most config.total_steps')
   prunable = pruning.prunable(params, prune.get('include'), prune.get('exclude'))
   return pruning_hook.MaskSchedule(prunable, prune.sparsity, prune.scope, prune.structure, **schedule)
 

@@ -9,8 +9,9 @@ flags), so multi-host behaviour can be debugged on one machine. Process 0's stdo
 unchanged, so the launcher's stdout is process 0's; every line of the other processes goes to stderr
 prefixed `[process I] `.
 If any process fails, all are killed and the launcher exits with that process's code (2 for a user error,
-128 + N for a process killed by signal N); 124 after --timeout; 128 + N when the launcher itself gets
-SIGINT or SIGTERM (forwarded to every process, which get --grace seconds to stop).
+128 + N for a process killed by signal N); 124 after --timeout; when the launcher itself gets SIGINT or SIGTERM,
+it forwards it to every process, which get --grace seconds to stop, and exits with their common exit code (75
+when jft.main saved a preemption checkpoint), else 128 + N.
 """
 
 import argparse
@@ -144,6 +145,9 @@ def supervise(children: list[subprocess.Popen], timeout: float | None, grace: fl
       end = time.monotonic() + grace
       while len(signals) == 1 and time.monotonic() < end and any(c.poll() is None for c in children):
         time.sleep(_POLL_S)
+      codes = {child.poll() for child in children}
+      if len(codes) == 1 and None not in codes and codes != {0}:  # e.g. all saved and exited 75: pass that on
+        return codes.pop() if min(codes) > 0 else 128 - min(codes)
       return 128 + sig
     codes = [child.poll() for child in children]
     failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from jft import (
+  cli_errors,
   compilation_cache,
   components,
   data,
@@ -268,10 +269,13 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def main() -> None:
+  usage = 'usage: python -m jft.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE]'
+  if problem := cli_errors.config_file_problem(sys.argv):
+    _fail(f'{problem}\n{usage}')
   try:
     flags.FLAGS(sys.argv)
   except (flags.Error, ValueError, OSError, AttributeError, KeyError, TypeError) as e:
-    _fail(f'{e}\nusage: python -m jft.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE]')
+    _fail(f'{cli_errors.explain_flag_error(e, sys.argv)}\n{usage}')
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail('both --config=configs/NAME.py[:ARG] and --workdir=DIR are required')
   logging.use_absl_handler()

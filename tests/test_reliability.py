@@ -159,7 +159,8 @@ def params_sha(workdir, step=None):
 
 
 def steps_in(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  root = os.path.join(workdir, 'checkpoints')
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
 
 
 @pytest.fixture(scope='module')
@@ -171,32 +172,29 @@ def digits_run(tmp_path_factory, data_dir):
   return workdir
 
 
-def test_sigterm_saves_the_current_step_and_the_same_command_resumes_exactly(tmp_path, data_dir):
-  args = [DIGITS, '--config.total_steps=80', '--config.checkpoint_every=1000', '--config.log_every=5']
-  uninterrupted = tmp_path / 'uninterrupted'
-  assert run_main(*args, f'--workdir={uninterrupted}', data_dir=data_dir).returncode == 0
-
+def test_sigterm_saves_the_current_step_and_the_same_command_resumes_exactly(digits_run, tmp_path, data_dir):
+  args = [DIGITS, '--config.checkpoint_every=1000', '--config.log_every=5']  # the same updates as digits_run
   workdir = tmp_path / 'preempted'
   command = [sys.executable, '-m', 'jft.main', *args, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}']
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     metrics = workdir / 'metrics.jsonl'
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and '"step": 10' in metrics.read_text()):  # training, past its first steps
+    while not (metrics.exists() and '"step": 5' in metrics.read_text()):  # training, past its first steps
       assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-      time.sleep(0.05)
+      time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
   finally:
     process.kill()
   assert process.returncode == 75, stderr[-3000:]
   (saved,) = steps_in(workdir)  # checkpoint_every is 1000: this checkpoint is the preemption's
-  assert 10 <= saved < 80
+  assert 5 <= saved < 30
   assert f'saved the checkpoint of step {saved}' in stderr and 'Traceback' not in stderr
 
   resumed = run_main(*args, f'--workdir={workdir}', data_dir=data_dir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert params_sha(workdir) == params_sha(uninterrupted)
+  assert params_sha(workdir, 30) == params_sha(digits_run, 30)
 
 
 def test_diverging_run_exits_3_and_keeps_its_last_good_checkpoint(digits_run, data_dir, tmp_path):
@@ -271,3 +269,39 @@ def test_workdir_that_is_a_file_exits_2(tmp_path, data_dir):
   result = run_main(DIGITS, f'--workdir={path}', data_dir=data_dir)
   assert result.returncode == 2 and 'is a file, not a directory' in result.stderr
   assert 'Traceback' not in result.stderr and path.read_text() == 'keep me'
+
+
+def test_sigkill_at_several_moments_even_during_a_save_resumes_bit_identical(digits_run, tmp_path, data_dir):
+  """Killed three times (once while an async save is being written, twice at random moments of training),
+  restarted each time with the same command: the final parameters are those of the uninterrupted run."""
+  args = [DIGITS, '--config.checkpoint_every=5', f'--config.data.data_dir={data_dir}']
+  workdir = tmp_path / 'killed'
+  command = [sys.executable, '-m', 'jft.main', *args, f'--workdir={workdir}']
+  checkpoints = workdir / 'checkpoints'
+  saving = lambda: checkpoints.exists() and any('tmp' in name for name in os.listdir(checkpoints))
+  delays = iter(np.random.default_rng(0).uniform(0.05, 0.5, 2))
+  killed_while = []
+  for moment in ('saving', 'training', 'training'):
+    first_steps = steps_in(workdir)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+      deadline = time.monotonic() + 300
+      if moment == 'saving':
+        while not saving() and process.poll() is None and time.monotonic() < deadline:
+          time.sleep(0.005)
+      else:  # once it has saved a step of its own: training, then a random moment later
+        while steps_in(workdir) == first_steps and process.poll() is None and time.monotonic() < deadline:
+          time.sleep(0.01)
+        time.sleep(next(delays))
+      assert process.poll() is None, 'the run ended before it could be killed'
+      killed_while.append(moment if moment == 'training' or saving() else 'after a save')
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
+    finally:
+      if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+  assert killed_while[0] in ('saving', 'after a save')
+  finished = run_main(DIGITS, '--config.checkpoint_every=5', f'--workdir={workdir}', data_dir=data_dir)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert params_sha(workdir, 30) == params_sha(digits_run, 30)
