@@ -9,11 +9,11 @@ so a run saved on one mesh or process count resumes on any other.
 """
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging as std_logging
 import os
+import shutil
 import sys
 import threading
 from typing import Any
@@ -39,35 +39,35 @@ class DamagedCheckpoint(Exception):
     self.step = step
 
 
-def _root_cause(error: BaseException) -> str:
-  """The first line of the innermost cause of `error` (orbax wraps tensorstore's precise message)."""
+# What a save's root cause says when the storage, not jft, failed.
+_STORAGE_FAILURES = ('No space left on device', 'RESOURCE_EXHAUSTED', 'Disk quota exceeded', 'Read-only file system',
+                     'Permission denied', 'PERMISSION_DENIED')
+
+
+class _StorageFailureLogs(std_logging.Filter):
+  """Drops orbax's own error logs (each with a traceback, from each of its writer threads) of a save that failed
+  on the storage: `Checkpoints` reports that failure once, in plain words."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if 'orbax' not in record.pathname or record.levelno < std_logging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage() + (_root_cause(error, limit=None) if error else '')
+    return not any(sign in text for sign in _STORAGE_FAILURES)
+
+
+def _root_cause(error: BaseException, limit: int | None = 400) -> str:
+  """The first line (its first `limit` characters) of the innermost cause of `error` (orbax wraps tensorstore's
+  precise message)."""
   while error.__cause__ is not None or error.__context__ is not None:
     error = error.__cause__ or error.__context__
-  return f'{type(error).__name__}: {str(error).splitlines()[0][:400]}'
+  return f'{type(error).__name__}: {str(error).splitlines()[0][:limit]}'
 
 
-@contextlib.contextmanager
-def _quiet_background_errors():
-  """While a restore is tried: orbax reads the arrays in background coroutines and threads, and when one read
-  fails the others fail after it, each printed with a traceback by Python. Those go to the debug log instead;
-  the restore's own error is reported once, by the caller."""
-  hooks = sys.unraisablehook, threading.excepthook
-  futures_logger = std_logging.getLogger('concurrent.futures')
-  level = futures_logger.level
-  sys.unraisablehook = lambda report: logging.debug('while reading a checkpoint: %r', report.exc_value)
-  threading.excepthook = lambda report: logging.debug('while reading a checkpoint: %r', report.exc_value)
-  futures_logger.setLevel(std_logging.CRITICAL)
-  try:
-    yield
-  finally:
-    sys.unraisablehook, threading.excepthook = hooks
-    futures_logger.setLevel(level)
-
-
-def _drop_later_reports_of_failed_reads() -> None:
-  """A failed restore leaves orbax's other reads running: they fail later (their coroutines, or tensorstore's
-  callbacks into orbax's closed event loop), and Python would print each with a traceback. From now on those
-  reports, and only those, go to the debug log."""
+def _drop_reports_of_failed_background_io() -> None:
+  """When one of orbax's reads or writes fails, the others fail after it (their coroutines, or tensorstore's
+  callbacks into orbax's closed event loop), and Python prints each with a traceback. Those reports, and only
+  those, go to the debug log; `Checkpoints` reports the failure itself, once, in plain words."""
   if getattr(sys.unraisablehook, 'drops_failed_reads', False):
     return
 
@@ -126,6 +126,10 @@ class Checkpoints:
     handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
                     config=ocp.JsonCheckpointHandler(), fingerprint=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    absl_logger = logging.get_absl_logger()
+    if not any(isinstance(f, _StorageFailureLogs) for f in absl_logger.filters):
+      absl_logger.addFilter(_StorageFailureLogs())
+    _drop_reports_of_failed_background_io()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -143,9 +147,12 @@ class Checkpoints:
     if jax.process_count() > 1:  # one data state is saved for all hosts: it must be the same on each
       digest = np.frombuffer(hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest(), np.uint32)
       multihost_utils.assert_equal(digest, 'the data iterator states of the hosts differ')
-    self.manager.save(step, args=ocp.args.Composite(
+    items = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config),
-        fingerprint=ocp.args.JsonSave(fingerprint.of(state))), metrics=metrics, force=True)
+        fingerprint=ocp.args.JsonSave(fingerprint.of(state)))
+    with self._storage_errors_explained():  # the previous async save's failure surfaces here too
+      self.manager.save(step, args=items, metrics=metrics, force=True)
+    self._saving = step
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, Any]:
     """(state, data iterator state) of `step`, restored onto `abstract_state` (shapes, dtypes, shardings).
@@ -170,16 +177,10 @@ class Checkpoints:
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     if self._has_fingerprint(step):  # older checkpoints have none: they restore unchecked
       items['fingerprint'] = ocp.args.JsonRestore()
-    failure = None
-    with _quiet_background_errors():
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # the tree fits: what failed is reading the files
-        failure = e
-        gc.collect()  # the restore's other reads, failing too, end here, while their reports are kept quiet
-    if failure is not None:
-      _drop_later_reports_of_failed_reads()
-      raise DamagedCheckpoint(step, self.directory, _root_cause(failure))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # the tree fits: what failed is reading the files
+      raise DamagedCheckpoint(step, self.directory, _root_cause(e)) from None
     changed = fingerprint.mismatches(restored['fingerprint'], restored['state']) if 'fingerprint' in items else []
     if changed:
       raise DamagedCheckpoint(step, self.directory, f'{len(changed)} array(s) read back other than they were saved '
@@ -206,7 +207,30 @@ class Checkpoints:
     return target
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._storage_errors_explained():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _storage_errors_explained(self):
+    """A save that fails on the storage (disk full, read-only, no permission) becomes a `UserError` that says
+    which step failed, that the earlier checkpoints are intact, and what to do; its partial files are removed."""
+    try:
+      yield
+    except Exception as e:
+      cause = _root_cause(e, limit=None)
+      sign = next((sign for sign in _STORAGE_FAILURES if sign in cause), None)
+      if sign is None:
+        raise
+      failed = getattr(self, '_saving', None)
+      if jax.process_index() == 0:
+        for partial in self.directory.glob('*.orbax-checkpoint-tmp*'):  # only this run's unfinished writes
+          shutil.rmtree(partial, ignore_errors=True)
+      intact = ', '.join(map(str, self.all_steps())) or 'none'
+      raise UserError(
+          f'saving the checkpoint of step {failed} in {self.directory} failed: {sign} ({cause[:300]}...). The '
+          f'checkpoints saved before it are intact (steps: {intact}); its partial files were removed. Free space on '
+          'that disk or fix its permissions (or run again with a --workdir elsewhere), then run the same command: it '
+          'resumes from the latest of them') from None
 
   def close(self) -> None:
     self.manager.close()

@@ -10,9 +10,6 @@ used; the directory is capped at `MAX_BYTES`, least recently used entries going 
 import collections
 import os
 
-import jax
-import jax.monitoring
-
 DEFAULT_DIR = '~/.cache/jft/xla'
 MAX_BYTES = 2 << 30
 # jax caches only programs that took at least 1 s to compile; a run's many small ones (initialisation, the
@@ -40,6 +37,9 @@ def default_dir() -> str:
 
 def enable(directory: str | None = None) -> str | None:
   """Turns the cache on at `directory` (None: `default_dir()`; 'off': leaves it off); returns the directory used."""
+  import jax  # here: the command line defines its flags from this module without loading JAX
+  import jax.monitoring
+
   configured = jax.config.jax_compilation_cache_dir  # the user's own setting wins
   if not configured:
     directory = default_dir() if directory is None else directory

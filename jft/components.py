@@ -12,7 +12,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from jft import data, distill, models, pruning, pruning_hook, sharding, teacher_hook, tree_paths
+from jft import data, distill, model_files, models, pruning, pruning_hook, sharding, teacher_hook, tree_paths
 from jft import init as init_lib
 from jft import step as step_lib
 from jft.apply_fn import ApplyFn, linen_apply_fn, split_variables
@@ -59,6 +59,7 @@ def build_teacher(source: str, student: Model) -> Teacher:
 
   The teacher reads the student's batches, so it must take the same inputs and predict the same classes.
   """
+  model_files.refuse_pickle(source, 'config.distill.teacher')
   run = init_lib.read_run(source, items=('params', 'model_state'))
   if run is None:
     raise UserError(f'config.distill.teacher {source!r} is not a jft work directory or checkpoint; give the '

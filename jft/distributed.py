@@ -15,7 +15,6 @@ import sys
 import traceback
 from typing import NoReturn
 
-import jax
 from absl import flags
 
 from jft.errors import UserError
@@ -63,6 +62,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   _check_explicit(coordinator_address, num_processes, process_id, auto)
   if timeout_s is not None and timeout_s < 1:
     raise UserError(f'--distributed_timeout={timeout_s} must be a positive number of seconds')
+  import jax  # here, not at the top: the command line parses its flags without loading JAX
+
   timeouts = {} if timeout_s is None else dict(initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s)
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
@@ -77,7 +78,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 def exit_process(code: int) -> NoReturn:
   """`sys.exit(code)`; a failing process of a multi-process run ends at once, not at JAX's shutdown barrier."""
-  if code and jax.distributed.is_initialized():
+  jax = sys.modules.get('jax')  # not imported yet: no multi-process run joined
+  if code and jax is not None and jax.distributed.is_initialized():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

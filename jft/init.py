@@ -109,6 +109,7 @@ def read_run(source: str | os.PathLike, items: Sequence[str] = ITEMS, step: int 
 
 def load_params(source: str) -> tuple[PyTree, str]:
   """(the parameter tree of `source`, a description of where it came from)."""
+  model_files.refuse_pickle(source, 'config.init')
   run = read_run(source, items=('params',))
   if run is not None:
     return run.params, f'jft checkpoint {run.state_dir}'

@@ -35,9 +35,25 @@ def pretrained_dir(source: str) -> str:
                   'give a name, or a directory holding config.json and model.safetensors')
 
 
+# Weights saved with Python's pickle (PyTorch's .bin / .pt, .pkl, .ckpt): loading one can run arbitrary code.
+PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt')
+
+
+def refuse_pickle(path: str, what: str) -> None:
+  """A `UserError` if `path` is a pickle file: jft never unpickles (it can run code hidden in the file)."""
+  if os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
+    raise UserError(f'{what} {path} is a pickle file, which jft never loads: unpickling can run any code hidden in '
+                    'the file. Convert it to safetensors where you trust it (e.g. transformers\' '
+                    '`model.save_pretrained(DIR, safe_serialization=True)`) and give that directory')
+
+
 def pretrained_file(source: str, filename: str) -> str:
   """The path of `filename` (e.g. 'tokenizer.json') in `source`'s directory, which must hold it."""
+  refuse_pickle(source, 'the model')
   path = os.path.join(pretrained_dir(source), filename)
   if not os.path.isfile(path):
+    pickles = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith(PICKLE_SUFFIXES))
+    if pickles and filename.endswith('.safetensors'):
+      refuse_pickle(os.path.join(os.path.dirname(path), pickles[0]), f'{source!r} has no {filename}, only')
     raise UserError(f'{source!r} has no {filename} (looked for {path}); give a directory that holds it')
   return path

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from jft import model_files, tree_paths
@@ -76,7 +77,12 @@ def load(source: str, dtype: Any = np.float32, **config_overrides: Any) -> Pretr
   """The BERT encoder of `source`: a registered name such as 'minilm' or a Hugging Face directory."""
   config = BertConfig.from_source(source, **config_overrides)
   weights_path = model_files.pretrained_file(source, 'model.safetensors')
-  converted, unused = convert_hf_bert(load_file(weights_path))
+  try:
+    tensors = load_file(weights_path)
+  except (SafetensorError, OSError) as e:
+    raise UserError(f'{weights_path} is not a readable safetensors file ({e}); it may be truncated or of another '
+                    'format: give a directory whose model.safetensors is complete (e.g. download it again)') from None
+  converted, unused = convert_hf_bert(tensors)
   if unused:
     logging.info('not BERT encoder tensors, left out of %s: %s', weights_path, ', '.join(unused))
   module = BertModel(config, add_pooler=any(path.startswith('pooler/') for path in converted))

@@ -50,5 +50,55 @@ def test_bad_input_exits_2_with_one_message_and_touches_nothing(tmp_path, data_d
   result = run(*args, f'--workdir={workdir}', data_dir=data_dir if '--config=configs/nope.py' not in args else None)
   assert result.returncode == 2, result.stderr[-3000:]
   assert message in result.stderr
-  assert 'Traceback' not in result.stderr and result.stderr.startswith('jft: error: ')
+  assert 'Traceback' not in result.stderr and 'jft: error: ' in result.stderr
   assert snapshot(workdir) == before
+
+
+def bert_dir(tmp_path, damage):
+  """A copy of the installed MiniLM's files with one of them damaged by `damage(directory)`."""
+  from jft import model_files
+  source = model_files.pretrained_dir('minilm')
+  directory = tmp_path / 'bert'
+  directory.mkdir()
+  for name in ('config.json', 'tokenizer.json', 'model.safetensors'):
+    os.symlink(os.path.join(source, name), directory / name)
+  damage(directory)
+  return directory
+
+
+def replace(directory, name, content):
+  os.remove(directory / name)
+  (directory / name).write_bytes(content)
+
+
+@pytest.mark.parametrize('damage,message', [
+    (lambda d: replace(d, 'config.json', b'{"model_type": '), 'is not a readable JSON config'),
+    (lambda d: replace(d, 'config.json', b'{"model_type": "gpt2"}'), "model_type 'gpt2' is not a BERT"),
+    (lambda d: (os.remove(d / 'model.safetensors'), (d / 'pytorch_model.bin').write_bytes(b'\x80\x04.')),
+     'is a pickle file, which jft never loads'),
+], ids=['config-not-json', 'config-of-gpt2', 'pickle-only'])
+def test_bad_pretrained_directory_exits_2(tmp_path, data_dir, damage, message):
+  init = bert_dir(tmp_path, damage)
+  result = run('--config=configs/minilm_fortunes.py:quick', f'--config.init={init}', f'--workdir={tmp_path / "run"}',
+               data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_truncated_safetensors_exits_2(tmp_path, data_dir):
+  from jft import model_files
+  original = os.path.join(model_files.pretrained_dir('minilm'), 'model.safetensors')
+  init = bert_dir(tmp_path, lambda d: replace(d, 'model.safetensors', open(original, 'rb').read(1_000_000)))
+  result = run('--config=configs/minilm_fortunes.py:quick', f'--config.init={init}', f'--workdir={tmp_path / "run"}',
+               data_dir=data_dir)
+  assert result.returncode == 2 and 'file not fully covered' in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize('field', ['--config.init', '--config.distill.teacher'])
+def test_a_pickle_file_offered_as_weights_is_refused(tmp_path, data_dir, field):
+  pickle = tmp_path / 'weights.pkl'
+  pickle.write_bytes(b'\x80\x04K\x01.')
+  result = run('--config=configs/digits_transfer.py:quick', f'{field}={pickle}', f'--workdir={tmp_path / "run"}',
+               data_dir=data_dir)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'is a pickle file, which jft never loads' in result.stderr and 'Traceback' not in result.stderr

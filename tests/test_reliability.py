@@ -18,7 +18,7 @@ import pytest
 from contract import ROOT, TOOLS, run_main
 from test_checkpoint import small_state
 
-from jft import divergence, fingerprint, sharding
+from jft import divergence, fingerprint, preemption, sharding
 from jft import step as step_lib
 from jft.checkpoint import Checkpoints, DamagedCheckpoint
 from jft.errors import UserError
@@ -149,6 +149,21 @@ def test_train_log_averages_the_applied_steps_and_counts_the_skipped():
   assert means['loss'] == 2.0 and means['nonfinite_steps'] == 1
 
 
+# --- preemption: the signal handlers -----------------------------------------------------------------------
+
+
+def test_first_ctrl_c_asks_for_a_save_and_the_second_stops_at_once(capsys):
+  with preemption.PreemptionWatch() as watch:
+    assert not watch.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert watch.reached(2) and watch.signal == signal.SIGINT
+    assert 'got SIGINT: finishing the current step, saving a checkpoint' in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handlers are back
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # --- the command line ---------------------------------------------------------------------------------------
 
 
@@ -263,11 +278,13 @@ def test_a_live_run_holds_its_workdir_and_a_killed_one_does_not(digits_run, data
     pass
 
 
-def test_workdir_that_is_a_file_exits_2(tmp_path, data_dir):
+@pytest.mark.parametrize('below,message', [('', 'is a file, not a directory'),
+                                           ('/run', 'cannot create the work directory')])
+def test_workdir_that_is_a_file_or_cannot_be_made_exits_2(tmp_path, data_dir, below, message):
   path = tmp_path / 'a_file'
   path.write_text('keep me')
-  result = run_main(DIGITS, f'--workdir={path}', data_dir=data_dir)
-  assert result.returncode == 2 and 'is a file, not a directory' in result.stderr
+  result = run_main(DIGITS, f'--workdir={path}{below}', data_dir=data_dir)
+  assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr and path.read_text() == 'keep me'
 
 
@@ -305,3 +322,21 @@ def test_sigkill_at_several_moments_even_during_a_save_resumes_bit_identical(dig
   finished = run_main(DIGITS, '--config.checkpoint_every=5', f'--workdir={workdir}', data_dir=data_dir)
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert params_sha(workdir, 30) == params_sha(digits_run, 30)
+
+
+def test_a_disk_filling_up_during_a_save_exits_2_and_keeps_the_earlier_checkpoints(tmp_path, data_dir):
+  disk = tmp_path / 'small_disk'
+  disk.mkdir()
+  # 14 MiB: the run's config, metrics and first checkpoint (8.7 MiB) fit, the second does not.
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=14m', 'tmpfs', str(disk)], capture_output=True).returncode:
+    pytest.skip('mounting a small tmpfs needs root with CAP_SYS_ADMIN')
+  try:
+    workdir = disk / 'run'
+    result = run_main(DIGITS, f'--workdir={workdir}', data_dir=data_dir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'saving the checkpoint of step 30' in result.stderr and 'No space left on device' in result.stderr
+    assert 'intact (steps: 15)' in result.stderr and 'Traceback' not in result.stderr
+    assert os.listdir(workdir / 'checkpoints') == ['15']  # the partial files of step 30 are gone
+    assert params_sha(workdir, 15)  # and step 15 reads back
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)

@@ -67,6 +67,7 @@ def check_config(data_config: ml_collections.ConfigDict) -> None:
 
 def tokenizer_file(source: str) -> str:
   """The tokenizer.json of `source`: a registered name, a directory holding one, or the file itself."""
+  model_files.refuse_pickle(source, 'data.tokenizer')
   if os.path.isfile(source):
     return source
   if model_files.is_registered(source) or os.path.isdir(source):

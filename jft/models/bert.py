@@ -78,8 +78,14 @@ class BertConfig:
   def from_source(cls, source: str, **overrides: Any) -> 'BertConfig':
     """The config of a registered pretrained model (e.g. 'minilm') or a Hugging Face directory."""
     path = model_files.pretrained_file(source, 'config.json')
-    with open(path) as f:
-      fields = json.load(f)
+    try:
+      with open(path) as f:
+        fields = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise UserError(f'{path} is not a readable JSON config ({e}): give a directory whose config.json is a Hugging '
+                      'Face BERT config') from None
+    if not isinstance(fields, dict):
+      raise UserError(f'{path} holds {type(fields).__name__}, not a JSON object: give a Hugging Face BERT config.json')
     unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise UserError(f'unknown BERT config field(s) {sorted(unknown)} in the model overrides; '

@@ -1,0 +1,231 @@
+"""The train loop: a config becomes components (data, model, optimizer, state, checkpoints), and the loop runs
+them from the first (or the restored) step to the test evaluation. `python -m jft.main` is its command line.
+
+Running it again in the same work directory resumes from the newest readable checkpoint.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import tqdm
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from jft import (
+  compilation_cache,
+  components,
+  data,
+  distill,
+  divergence,
+  metric_writer,
+  optim,
+  pmap_backend,
+  preemption,
+  sharding,
+)
+from jft import init as init_lib
+from jft import stages as stages_lib
+from jft import step as step_lib
+from jft.apply_fn import linen_apply_fn
+from jft.checkpoint import Checkpoints, DamagedCheckpoint
+from jft.errors import UserError
+from jft.metric_writer import MetricWriter
+from jft.state import TrainState, create_train_state
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails before anything is written when a field is out of range."""
+  for field in ('total_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every'):
+    if config[field] <= 0:
+      raise UserError(f'config.{field} must be a positive integer, got {config[field]}')
+  if config.get('skip_nonfinite', 0) < 0:
+    raise UserError(f'config.skip_nonfinite must be 0 or more (steps with a NaN or inf loss that may be skipped), '
+                    f'got {config.skip_nonfinite}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       preempted: preemption.PreemptionWatch | None = None) -> dict[str, float]:
+  """Trains (or resumes) per `config` in `workdir` (a local path or e.g. gs://); returns the final test metrics.
+
+  Raises `divergence.Diverged` after more than `config.skip_nonfinite` steps with a NaN or inf loss or gradient,
+  and `preemption.Preempted` after saving the step at which `preempted` (the command line's signal watch) fired.
+  """
+  started = time.perf_counter()
+  workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
+  # Setup: every config check runs here, before anything is written.
+  validate_config(config)
+  mesh = sharding.make_mesh(shape=config.get('mesh'))
+  sharding.check_batch_size(config.batch_size, mesh)
+  backend = config.get('backend', 'jit')
+  pmap_backend.check_backend(backend, mesh)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_count() > 1:
+    # One host builds the tfds dataset (a shared data_dir); the others wait rather than race to write it.
+    if jax.process_index() == 0:
+      data.data_source(config.data.name, config.data.train_split, config.data.data_dir, config.data.get('classes'))
+    multihost_utils.sync_global_devices('jft: data prepared')
+  model = components.build_model(config, **process)
+  apply_fn = linen_apply_fn(model.module)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract_params = jax.eval_shape(model.init_variables, init_rng)[0]
+  param_specs = components.param_specs(config, abstract_params, mesh)
+  stages = stages_lib.plan(config, abstract_params)
+  pruner = components.build_pruner(config, abstract_params)
+  teacher = components.build_teacher_hook(config, model, mesh, workdir)
+  hooks = [hook for hook in (pruner, teacher) if hook is not None]
+  loss_fn = step_lib.cross_entropy_loss
+  if teacher is not None:
+    loss_fn = distill.make_loss(config.distill.weight, config.distill.temperature)
+  prunable = pruner.prunable if pruner else None
+
+  make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, train_rng)
+  abstract_state = lambda tx: jax.eval_shape(lambda rng: make_state(*model.init_variables(rng), tx), init_rng)
+
+  def compile_stage(stage: stages_lib.Stage) -> stages_lib.CompiledStage:
+    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, prunable)
+    state_sharding = sharding.state_sharding(mesh, abstract_state(tx), param_specs)
+    if backend == 'pmap':
+      train_step = step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn, pmap_backend.AXIS)
+      return stages_lib.CompiledStage(stage, tx, state_sharding, pmap_backend.pmap_train_step(train_step, mesh))
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn), mesh,
+                                         state_sharding)
+    return stages_lib.CompiledStage(stage, tx, state_sharding, train_step)
+
+  checkpoints = Checkpoints(workdir / 'checkpoints', **config.checkpoint)
+  train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
+  resume_step, restored = None, None
+  for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
+    runner = stages_lib.StageRunner(stages, compile_stage, step)
+    target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)  # this run's mesh
+    try:
+      restored, resume_step = checkpoints.restore(step, target), step
+      break
+    except DamagedCheckpoint as e:
+      moved = checkpoints.set_aside(step)
+      _warn(f'{e}\nmoved it to {moved} (kept for inspection) and trying the step before it')
+  if resume_step is None:
+    if (workdir / 'damaged_checkpoints').exists():
+      raise UserError(f'no readable checkpoint is left in {checkpoints.directory} (the damaged ones are in '
+                      f'{workdir / "damaged_checkpoints"}), so this run cannot resume: give a new --workdir to start '
+                      'over, or move damaged_checkpoints/ away to start over in this one')
+    runner = stages_lib.StageRunner(stages, compile_stage, 0)
+    state = init_state(config, model, init_rng, make_state, runner.current.tx, runner.current.state_sharding)
+  else:
+    state, data_state = restored
+    train_batches.set_state(data_state)
+    logging.info('resumed from step %d (stage %d)', resume_step, runner.current.stage.index)
+
+  config_json = json.loads(config.to_json())
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(json.dumps(config_json, indent=2))
+  writer = MetricWriter(workdir, resume_step, enabled=jax.process_index() == 0)
+  eval_step = step_lib.make_eval_step(apply_fn, model.num_classes)
+  compiled_eval_steps = {}
+
+  def evaluate(split: str, state) -> dict[str, float]:
+    key = jax.tree.structure(state)  # compiled per layout of the state: a stage boundary changes it
+    if key not in compiled_eval_steps:
+      compiled_eval_steps[key] = step_lib.jit_eval_step(eval_step, mesh, runner.current.state_sharding)
+    batches = data.eval_batches(config.data, split, config.batch_size, **process)
+    return step_lib.evaluate(compiled_eval_steps[key], state, batches, mesh)
+
+  # The loop: next batch -> on the mesh -> hooks -> step -> log / evaluate / save.
+  log = metric_writer.TrainLog()
+  nonfinite = divergence.NonfiniteWatch(config.get('skip_nonfinite', 0), advice=_divergence_advice(config))
+  first_step = int(state.step) + 1
+  bar = tqdm.tqdm(range(first_step, config.total_steps + 1), initial=first_step - 1, total=config.total_steps,
+                  unit='step', mininterval=1.0, disable=jax.process_index() != 0)
+  for step in bar:
+    state = runner.before_step(step, state)
+    for hook in hooks:
+      state = hook.before_step(step, state)
+    batch = sharding.put_batch(next(train_batches), mesh)
+    for hook in hooks:
+      batch = hook.on_batch(batch)
+    state, metrics = runner.train_step(state, batch)
+    log.add(metrics)
+    nonfinite.add(step, metrics['nonfinite'])
+    if step == first_step:  # the one wait outside logging: setup, data, compilation (or its cache), one step
+      jax.block_until_ready(metrics)
+      log.first_step_done({'seconds_to_first_step': time.perf_counter() - started,
+                           **{f'compilation_cache_{k}': v for k, v in compilation_cache.counts().items()
+                              if jax.config.jax_compilation_cache_dir}})
+    last = step == config.total_steps
+    stop = preempted is not None and preempted.reached(step)
+    save = step % config.checkpoint_every == 0 or last or stop
+    if step % config.log_every == 0 or last:
+      means = log.flush()
+      writer.write(step, 'train', {**means, **{k: v for hook in hooks for k, v in hook.report(state).items()}})
+      bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+    if step % config.log_every == 0 or save:  # where the loop waits anyway
+      try:
+        nonfinite.check()
+      except divergence.Diverged as e:
+        bar.close()
+        checkpoints.wait()  # the saves already started hold good states: let them finish
+        checkpoints.close()
+        writer.close()
+        raise divergence.Diverged(f'{e} {_last_good_checkpoint(checkpoints)}') from None
+    validation = None
+    if config.data.validation_split and (step % config.eval_every == 0 or last):
+      validation = evaluate(config.data.validation_split, state)
+      writer.write(step, 'validation', validation)
+    if save:
+      checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation)
+    if stop:
+      bar.close()
+      checkpoints.wait()
+      checkpoints.close()
+      writer.close()
+      raise preemption.Preempted(f'{preempted.signal.name}: saved the checkpoint of step {step} in '
+                                 f'{checkpoints.directory}; run the same command to resume from it')
+    log.resume_clock()  # steps_per_sec counts training alone, not the evaluations and saves
+  bar.close()
+  checkpoints.wait()
+
+  test = evaluate(config.data.test_split, state)
+  test.update({k: v for hook in hooks for k, v in hook.summary(state).items()})
+  writer.write(int(state.step), 'test', test)
+  checkpoints.close()
+  writer.close()
+  return test
+
+
+def init_state(config: ml_collections.ConfigDict, model: components.Model, init_rng: jax.Array, make_state,
+               tx, state_sharding) -> TrainState:
+  """The fresh train state, created sharded: the model's initialisation, with `config.init`'s parameters put
+  straight onto their shardings (each device receives only its slices)."""
+  params_sharding, model_state_sharding = state_sharding.params, state_sharding.model_state
+  params, model_state = jax.jit(model.init_variables, out_shardings=(params_sharding, model_state_sharding))(init_rng)
+  if config.init:
+    loaded, source = init_lib.load_params(config.init)
+    params = sharding.put(init_lib.merge_params(params, loaded, config.init_skip, source), params_sharding)
+    logging.info('initialised from %s, except %s', source, config.init_skip)
+  return jax.jit(lambda params, model_state: make_state(params, model_state, tx),
+                 in_shardings=(params_sharding, model_state_sharding), out_shardings=state_sharding,
+                 donate_argnums=(0, 1))(params, model_state)
+
+
+def _divergence_advice(config: ml_collections.ConfigDict) -> str:
+  optim_config = config.get('optim', {})
+  return (f"a lower learning rate (--config.optim.lr, now {optim_config.get('lr')}) or gradient clipping "
+          f"(--config.optim.clip_norm=1.0, now {optim_config.get('clip_norm')})")
+
+
+def _last_good_checkpoint(checkpoints: Checkpoints) -> str:
+  step = checkpoints.latest_step()
+  if step is None:
+    return 'No checkpoint had been saved yet: run again, it starts from the beginning.'
+  return f'The last good checkpoint, step {step} in {checkpoints.directory}, is kept unchanged.'
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f'jft: warning: {message}', file=sys.stderr, flush=True)
+
+
