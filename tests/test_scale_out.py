@@ -6,9 +6,11 @@ one; kill and resume stays bit-identical on an FSDP mesh; 2 processes train as 1
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -190,7 +192,7 @@ def test_killed_and_resumed_fsdp_run_ends_bit_identical(tmp_path, data_dir):
   assert 0 < verdict['killed_after_step'] < 30
 
 
-def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, data_dir):
+def test_two_processes_match_one_survive_sigterm_exactly_and_resume_in_one(tmp_path, data_dir):
   args = ['--config=configs/digits_cnn.py:quick', f'--config.data.data_dir={data_dir}',
           '--config.checkpoint_every=10', '--config.checkpoint.keep_latest=5']
   launched = subprocess.run(
@@ -214,6 +216,28 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, d
     assert json.loads(data_states[0]) == json.loads(data_states[1])
   two, one_state = read_state(tmp_path / 'two', 30), read_state(tmp_path / 'one', 30)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), two['params'], one_state['params'])
+
+  # SIGTERM to the launcher: every process saves at the one step JAX's preemption sync point names, all exit 75,
+  # and the same launch resumes to parameters bit-identical to the uninterrupted two-process run.
+  preempted = tmp_path / 'preempted'
+  launcher = subprocess.Popen([sys.executable, '-m', 'jft.launch', '--processes=2', '--devices_per_process=2',
+                               '--timeout=500', '--', f'--workdir={preempted}', *args, '--config.log_every=5'],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    while not ((preempted / 'metrics.jsonl').exists() and '"step": 5' in (preempted / 'metrics.jsonl').read_text()):
+      assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+      time.sleep(0.02)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=300)
+  finally:
+    launcher.kill()
+  assert launcher.returncode == 75, stderr[-3000:]
+  assert stderr.count('jft: preempted by SIGTERM: saved the checkpoint of step') == 2  # process 0 and process 1
+  resumed = subprocess.run([sys.executable, '-m', 'jft.launch', '--processes=2', '--devices_per_process=2',
+                            '--timeout=500', '--', f'--workdir={preempted}', *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  jax.tree.map(np.testing.assert_array_equal, read_state(preempted, 30)['params'], two['params'])
 
   # Saved by 2 processes, restored bit-exactly in 1, and the run goes on as the uninterrupted one.
   result = subprocess.run([sys.executable, '-c', RESTORE_SCRIPT, str(tmp_path / 'two'), '10', '{}'],
