@@ -79,19 +79,19 @@ def _drop_reports_of_failed_background_io() -> None:
 
   def unraisable_hook(report):
     if of_failed_read(report.exc_value, report.object):
-      logging.debug('a read of a damaged checkpoint failed: %r', report.exc_value)
+      logging.debug('an orbax read or write failed after an earlier one: %r', report.exc_value)
     else:
       unraisable(report)
 
   def except_hook(kind, value, tb):
     if of_failed_read(value):
-      logging.debug('a read of a damaged checkpoint failed: %r', value)
+      logging.debug('an orbax read or write failed after an earlier one: %r', value)
     else:
       excepthook(kind, value, tb)
 
   def thread_except_hook(report):
     if of_failed_read(report.exc_value):
-      logging.debug('a read of a damaged checkpoint failed: %r', report.exc_value)
+      logging.debug('an orbax read or write failed after an earlier one: %r', report.exc_value)
     else:
       thread_excepthook(report)
 

@@ -2,6 +2,7 @@
 traceback, and leaves the work directory as it was. (Faults during a run: tests/test_reliability.py.)"""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -72,26 +73,28 @@ def replace(directory, name, content):
 
 
 @pytest.mark.parametrize('damage,message', [
+    (lambda d: replace(d, 'model.safetensors', open(d.parent / 'original.safetensors', 'rb').read(1_000_000)),
+     'is not a readable safetensors file (Error while deserializing header: incomplete metadata, file not fully '
+     'covered)'),
     (lambda d: replace(d, 'config.json', b'{"model_type": '), 'is not a readable JSON config'),
     (lambda d: replace(d, 'config.json', b'{"model_type": "gpt2"}'), "model_type 'gpt2' is not a BERT"),
     (lambda d: (os.remove(d / 'model.safetensors'), (d / 'pytorch_model.bin').write_bytes(b'\x80\x04.')),
      'is a pickle file, which jft never loads'),
-], ids=['config-not-json', 'config-of-gpt2', 'pickle-only'])
-def test_bad_pretrained_directory_exits_2(tmp_path, data_dir, damage, message):
-  init = bert_dir(tmp_path, damage)
+], ids=['safetensors-truncated', 'config-not-json', 'config-of-gpt2', 'pickle-only'])
+def test_bad_pretrained_directory_is_a_user_error_naming_the_file(tmp_path, damage, message):
+  from jft import init, model_files
+  from jft.errors import UserError
+  os.symlink(os.path.join(model_files.pretrained_dir('minilm'), 'model.safetensors'), tmp_path / 'original.safetensors')
+  with pytest.raises(UserError, match=re.escape(message)):
+    init.load_params(str(bert_dir(tmp_path, damage)))
+
+
+def test_bad_pretrained_directory_exits_2_from_the_command_line(tmp_path, data_dir):
+  init = bert_dir(tmp_path, lambda d: replace(d, 'config.json', b'{"model_type": '))
   result = run('--config=configs/minilm_fortunes.py:quick', f'--config.init={init}', f'--workdir={tmp_path / "run"}',
                data_dir=data_dir)
   assert result.returncode == 2, result.stderr[-3000:]
-  assert message in result.stderr and 'Traceback' not in result.stderr
-
-
-def test_truncated_safetensors_exits_2(tmp_path, data_dir):
-  from jft import model_files
-  original = os.path.join(model_files.pretrained_dir('minilm'), 'model.safetensors')
-  init = bert_dir(tmp_path, lambda d: replace(d, 'model.safetensors', open(original, 'rb').read(1_000_000)))
-  result = run('--config=configs/minilm_fortunes.py:quick', f'--config.init={init}', f'--workdir={tmp_path / "run"}',
-               data_dir=data_dir)
-  assert result.returncode == 2 and 'file not fully covered' in result.stderr, result.stderr[-3000:]
+  assert 'is not a readable JSON config' in result.stderr and 'Traceback' not in result.stderr
 
 
 @pytest.mark.parametrize('field', ['--config.init', '--config.distill.teacher'])

@@ -153,6 +153,7 @@ def test_train_log_averages_the_applied_steps_and_counts_the_skipped():
 
 
 def test_first_ctrl_c_asks_for_a_save_and_the_second_stops_at_once(capsys):
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   with preemption.PreemptionWatch() as watch:
     assert not watch.reached(1)
     os.kill(os.getpid(), signal.SIGINT)
@@ -160,8 +161,7 @@ def test_first_ctrl_c_asks_for_a_save_and_the_second_stops_at_once(capsys):
     assert 'got SIGINT: finishing the current step, saving a checkpoint' in capsys.readouterr().err
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
-  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handlers are back
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the previous ones are back
 
 
 # --- the command line ---------------------------------------------------------------------------------------
@@ -289,16 +289,16 @@ def test_workdir_that_is_a_file_or_cannot_be_made_exits_2(tmp_path, data_dir, be
 
 
 def test_sigkill_at_several_moments_even_during_a_save_resumes_bit_identical(digits_run, tmp_path, data_dir):
-  """Killed three times (once while an async save is being written, twice at random moments of training),
+  """Killed twice (once while an async save is being written, once at a random moment of training),
   restarted each time with the same command: the final parameters are those of the uninterrupted run."""
   args = [DIGITS, '--config.checkpoint_every=5', f'--config.data.data_dir={data_dir}']
   workdir = tmp_path / 'killed'
   command = [sys.executable, '-m', 'jft.main', *args, f'--workdir={workdir}']
   checkpoints = workdir / 'checkpoints'
   saving = lambda: checkpoints.exists() and any('tmp' in name for name in os.listdir(checkpoints))
-  delays = iter(np.random.default_rng(0).uniform(0.05, 0.5, 2))
+  delays = iter(np.random.default_rng(0).uniform(0.05, 0.5, 1))
   killed_while = []
-  for moment in ('saving', 'training', 'training'):
+  for moment in ('saving', 'training'):
     first_steps = steps_in(workdir)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
