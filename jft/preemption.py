@@ -51,8 +51,6 @@ class PreemptionWatch:
           file=sys.stderr, flush=True)
 
   def reached(self, step: int) -> bool:
-    if self.multi_process:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.signal = signal.SIGTERM
-      return self.signal is not None
+    if self.multi_process and multihost_utils.reached_preemption_sync_point(step):
+      self.signal = signal.SIGTERM
     return self.signal is not None

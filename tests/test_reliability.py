@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from contract import ROOT, TOOLS, run_main
+from contract import ROOT, TOOLS, run_main, sigterm_after_step
 from test_checkpoint import small_state
 
 from jft import divergence, fingerprint, preemption, sharding
@@ -192,16 +192,7 @@ def test_sigterm_saves_the_current_step_and_the_same_command_resumes_exactly(dig
   workdir = tmp_path / 'preempted'
   command = [sys.executable, '-m', 'jft.main', *args, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}']
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    metrics = workdir / 'metrics.jsonl'
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and '"step": 5' in metrics.read_text()):  # training, past its first steps
-      assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-      time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-  finally:
-    process.kill()
+  stderr = sigterm_after_step(process, workdir, 5)  # training, past its first steps
   assert process.returncode == 75, stderr[-3000:]
   (saved,) = steps_in(workdir)  # checkpoint_every is 1000: this checkpoint is the preemption's
   assert 5 <= saved < 30

@@ -6,16 +6,14 @@ one; kill and resume stays bit-identical on an FSDP mesh; 2 processes train as 1
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from contract import ROOT, TOOLS
+from contract import ROOT, TOOLS, sigterm_after_step
 
 MESHES_SCRIPT = textwrap.dedent('''
     import jax, ml_collections, numpy as np
@@ -223,14 +221,7 @@ def test_two_processes_match_one_survive_sigterm_exactly_and_resume_in_one(tmp_p
   launcher = subprocess.Popen([sys.executable, '-m', 'jft.launch', '--processes=2', '--devices_per_process=2',
                                '--timeout=500', '--', f'--workdir={preempted}', *args, '--config.log_every=5'],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  try:
-    while not ((preempted / 'metrics.jsonl').exists() and '"step": 5' in (preempted / 'metrics.jsonl').read_text()):
-      assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-      time.sleep(0.02)
-    launcher.send_signal(signal.SIGTERM)
-    _, stderr = launcher.communicate(timeout=300)
-  finally:
-    launcher.kill()
+  stderr = sigterm_after_step(launcher, preempted, 5)
   assert launcher.returncode == 75, stderr[-3000:]
   assert stderr.count('jft: preempted by SIGTERM: saved the checkpoint of step') == 2  # process 0 and process 1
   resumed = subprocess.run([sys.executable, '-m', 'jft.launch', '--processes=2', '--devices_per_process=2',
