@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jft import optim, pretrained, rules, sharding
+from jft import lora, optim, pretrained, rules, sharding
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn, split_variables
 from jft.models import BertClassifier, BertConfig
@@ -43,15 +43,20 @@ class MiniLMSetup:
   def labels(self, freeze: tuple[str, ...] = ()) -> rules.ParamLabels:
     return rules.resolve(self.params, freeze=freeze)
 
-  def state_and_step(self, freeze: tuple[str, ...] = (), prunable=None):
+  def state_and_step(self, freeze: tuple[str, ...] = (), prunable=None, lora_settings: lora.LoraSettings | None = None):
     """(a fresh replicated train state, the jitted train step) with the parameters matching `freeze` frozen,
-    and pruning masks for the `prunable` ones (a tree of bools) in the optimizer."""
-    labels = self.labels(freeze)
+    pruning masks for the `prunable` ones (a tree of bools) in the optimizer, and LoRA adapters if `lora_settings`
+    (the base frozen, the model seeing the merged weights)."""
+    params, apply_fn = self.params, linen_apply_fn(self.module)
+    if lora_settings is not None:
+      params = lora.add_adapters(params, lora_settings, jax.random.PRNGKey(2))
+      freeze = (*freeze, lora.freeze_rule(lora_settings))
+      apply_fn = lora.wrap_apply_fn(apply_fn, lora_settings.scale)
+    labels = rules.resolve(params, freeze=freeze)
     tx = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), 1000, labels, prunable)
-    params = jax.tree.map(np.array, self.params)  # a copy: the step donates the state
+    params = jax.tree.map(np.array, params)  # a copy: the step donates the state
     state = sharding.put_replicated(create_train_state(params, self.model_state, tx, jax.random.PRNGKey(1)), self.mesh)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(linen_apply_fn(self.module), tx, labels.trainable), self.mesh)
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx, labels.trainable), self.mesh)
     return state, train_step
 
 

@@ -20,6 +20,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every = 20 if quick else 1000
   config.checkpoint_every = 20 if quick else 1000
   config.checkpoint = dict(keep_latest=2, keep_best=1, best_metric='accuracy', best_mode='max')
+  # Stop once validation `metric` has not improved by more than min_delta for `patience` evaluations (None: off);
+  # the final test evaluates the best validation checkpoint ('best') or the last state ('last').
+  config.early_stopping = dict(metric='accuracy', mode='max', patience=config_dict.placeholder(int), min_delta=0.0)
+  config.test_on = 'best'
   # A step whose loss or gradient is NaN or inf is never applied; up to this many are skipped, one more stops the
   # run (exit 3, jft/divergence.py).
   config.skip_nonfinite = 0
@@ -48,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Knowledge distillation (jft/distill.py) from the jft run `teacher` (None: off): the loss is
   # (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || model), both softened by temperature.
   config.distill = dict(teacher=config_dict.placeholder(str), weight=0.5, temperature=2.0)
+  # LoRA (jft/lora.py; rank 0 is off): low-rank factors beside the selected kernels train, the rest but `train` is
+  # frozen; a convolution kernel [h, w, in, out] takes factors [h * w * in, rank] and [rank, out].
+  config.lora = dict(rank=0, alpha=8.0, targets=(r'(conv_\d+|hidden)/kernel',), train=('head/.*',))
   config.model = dict(name='cnn', features=(32, 64), hidden=256, dropout=0.0, dtype='float32')
   config.optim = dict(name='adamw', lr=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=100,
                       schedule='cosine', clip_norm=config_dict.placeholder(float), accumulate_steps=1)

@@ -9,12 +9,13 @@ The ARG is a comma-separated list of variants, e.g. `:probe,quick`:
   top2     the top 2 encoder layers and the head train; embeddings and layers 0-3 are frozen
   staged   a linear probe for the first quarter of the steps, then everything (LP-FT)
   llrd     everything, with layer-wise learning-rate decay 0.8 (the embeddings lowest)
+  lora     LoRA adapters of rank 8 on every attention and MLP kernel; the encoder is frozen, the head trains
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ('quick', 'scratch', 'probe', 'top2', 'staged', 'llrd')
+VARIANTS = ('quick', 'scratch', 'probe', 'top2', 'staged', 'llrd', 'lora')
 ALL_BUT_HEAD = r'(?!head/).*'
 
 
@@ -32,6 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every = 6 if quick else 100
   config.checkpoint_every = 6 if quick else 100
   config.checkpoint = dict(keep_latest=2, keep_best=1, best_metric='accuracy', best_mode='max')
+  # Stop once validation `metric` has not improved by more than min_delta for `patience` evaluations (None: off);
+  # the final test evaluates the best validation checkpoint ('best') or the last state ('last').
+  config.early_stopping = dict(metric='accuracy', mode='max', patience=config_dict.placeholder(int), min_delta=0.0)
+  config.test_on = 'best'
   # A step whose loss or gradient is NaN or inf is never applied; up to this many are skipped, one more stops the
   # run (exit 3, jft/divergence.py).
   config.skip_nonfinite = 0
@@ -85,6 +90,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(steps=probe_steps, freeze=(ALL_BUT_HEAD,), optim=dict(lr=2e-3, warmup_steps=probe_steps // 10)),
         dict(steps=config.total_steps - probe_steps),
     )
+  # LoRA (jft/lora.py; rank 0 is off): beside each kernel `targets` select, factors A [in, rank] and B [rank, out]
+  # train and the model sees W + (alpha / rank) * A @ B; every other parameter is frozen but those `train` names.
+  config.lora = dict(rank=8 if 'lora' in variants else 0, alpha=16.0,
+                     targets=(r'encoder/layer_\d+/attention/(query|key|value|output)/kernel',
+                              r'encoder/layer_\d+/mlp/(intermediate|output)/kernel'),
+                     train=('head/.*',))
+  if 'lora' in variants:
+    config.optim.lr = 5e-4  # the adapters start at zero and take a higher rate than full fine-tuning
   # Scale-out (jft/sharding.py): a (data, fsdp, model) device mesh, -1 the rest of the devices; parameters
   # of at least min_bytes are split over fsdp, after the (regex, partition spec) rules; 'pmap': data-parallel only.
   config.mesh = dict(data=-1, fsdp=1, model=1)

@@ -1,8 +1,9 @@
 """Checkpoints with orbax: async saves of the train state, data iterator position and config; exact resume.
 
-Each step directory holds four items, readable with plain orbax: `state` (the `TrainState`: step,
-params, opt_state, model_state, rng), `data` (the data iterator's JSON state), `config` (JSON) and
-`fingerprint` (JSON: a 32-bit fingerprint of each array, jft/fingerprint.py, checked on restore).
+Each step directory holds five items, readable with plain orbax: `state` (the `TrainState`: step,
+params, opt_state, model_state, rng), `data` (the data iterator's JSON state), `config` (JSON),
+`fingerprint` (JSON: a 32-bit fingerprint of each array, jft/fingerprint.py, checked on restore) and
+`progress` (JSON: the loop's records that must survive a restart, such as the best validation result so far).
 Every process of a multi-host run takes part in each save and restore; the data state is one global position,
 checked equal on every host. A restore lays the arrays out on the shardings of the abstract state it is given,
 so a run saved on one mesh or process count resumes on any other.
@@ -124,7 +125,8 @@ class Checkpoints:
     # orbax finds no tree metadata under a relative path; a remote one (gs://...) is absolute already.
     self.directory = epath.Path(directory) if '://' in str(directory) else epath.Path(os.path.abspath(directory))
     handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
-                    config=ocp.JsonCheckpointHandler(), fingerprint=ocp.JsonCheckpointHandler())
+                    config=ocp.JsonCheckpointHandler(), fingerprint=ocp.JsonCheckpointHandler(),
+                    progress=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     absl_logger = logging.get_absl_logger()
     if not any(isinstance(f, _StorageFailureLogs) for f in absl_logger.filters):
@@ -141,15 +143,17 @@ class Checkpoints:
     """The kept step with the best validation metric (the latest step if none has metrics)."""
     return self.manager.best_step()
 
-  def save(self, state: TrainState, data_state: Any, config: dict, metrics: dict | None = None) -> None:
-    """Starts an async save of `state` at its step; returns once the arrays are copied off the device."""
+  def save(self, state: TrainState, data_state: Any, config: dict, metrics: dict | None = None,
+           progress: dict | None = None) -> None:
+    """Starts an async save of `state` at its step (with the validation `metrics` orbax ranks the best by, and the
+    loop's `progress` records); returns once the arrays are copied off the device."""
     step = int(state.step)
     if jax.process_count() > 1:  # one data state is saved for all hosts: it must be the same on each
       digest = np.frombuffer(hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest(), np.uint32)
       multihost_utils.assert_equal(digest, 'the data iterator states of the hosts differ')
     items = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config),
-        fingerprint=ocp.args.JsonSave(fingerprint.of(state)))
+        fingerprint=ocp.args.JsonSave(fingerprint.of(state)), progress=ocp.args.JsonSave(progress or {}))
     with self._storage_errors_explained():  # the previous async save's failure surfaces here too
       self.manager.save(step, args=items, metrics=metrics, force=True)
     self._saving = step
@@ -190,6 +194,15 @@ class Checkpoints:
 
   def _has_fingerprint(self, step: int) -> bool:
     return (self.directory / str(step) / 'fingerprint').exists()
+
+  def progress(self, step: int) -> dict:
+    """The loop's records saved with `step` ({} for a checkpoint written before they were)."""
+    if not (self.directory / str(step) / 'progress').exists():
+      return {}
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))['progress']
+    except Exception as e:
+      raise DamagedCheckpoint(step, self.directory, f'its progress record cannot be read ({_root_cause(e)})') from None
 
   def set_aside(self, step: int) -> epath.Path:
     """Moves the damaged `step` out of the manager's directory into `damaged_checkpoints/` beside it (kept, not

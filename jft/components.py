@@ -12,7 +12,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from jft import data, distill, model_files, models, pruning, pruning_hook, sharding, teacher_hook, tree_paths
+from jft import data, distill, lora, model_files, models, pruning, pruning_hook, sharding, teacher_hook, tree_paths
 from jft import init as init_lib
 from jft import step as step_lib
 from jft.apply_fn import ApplyFn, linen_apply_fn, split_variables
@@ -23,13 +23,15 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """The configured module, its class count, `init_variables(rng) -> (params, model_state)`, and one example's
-  model inputs (what the shapes come from)."""
+  """The configured module, its class count, `init_variables(rng) -> (params, model_state)`, one example's
+  model inputs (what the shapes come from) and the apply function the train and eval steps call. With
+  `config.lora` the params hold adapters and `apply_fn` merges them (jft/lora.py)."""
 
   module: nn.Module
   num_classes: int
   init_variables: Callable[[jax.Array], tuple[PyTree, PyTree]]
   example_inputs: dict[str, Any]
+  apply_fn: ApplyFn
 
 
 def build_model(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1) -> Model:
@@ -41,7 +43,13 @@ def build_model(config: ml_collections.ConfigDict, process_index: int = 0, proce
                                         process_index=process_index, process_count=process_count)))
   example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
   init_variables = lambda rng: split_variables(module.init(rng, **example_inputs, train=False))
-  return Model(module=module, num_classes=num_classes, init_variables=init_variables, example_inputs=example_inputs)
+  apply_fn = linen_apply_fn(module)
+  adapters = lora.settings(config)
+  if adapters is not None:
+    init_variables = lora.with_adapters(init_variables, adapters)
+    apply_fn = lora.wrap_apply_fn(apply_fn, adapters.scale, keep_zeros=pruning.is_on(config.get('prune')))
+  return Model(module=module, num_classes=num_classes, init_variables=init_variables, example_inputs=example_inputs,
+               apply_fn=apply_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +74,7 @@ def build_teacher(source: str, student: Model) -> Teacher:
                     'work directory of a finished run of the teacher')
   state_dir, teacher_config = run.state_dir, run.config
   module = models.get_model(ml_collections.ConfigDict(teacher_config['model']), student.num_classes)
-  params, model_state = run.params, run.model_state
+  params, model_state = lora.merged_for_run(run.params, teacher_config), run.model_state
   # The shapes the teacher's model has on the student's inputs: a different class count shows in the head.
   expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **student.example_inputs, train=False))
   mismatches = tree_paths.shape_mismatches(expected['params'], params)
@@ -89,24 +97,22 @@ def _min_bytes(config: ml_collections.ConfigDict) -> int:
 
 def build_pruner(config: ml_collections.ConfigDict, params: PyTree) -> pruning_hook.MaskSchedule | None:
   """The pruning schedule of `config.prune` over `params` (arrays or shapes), checked; None when it is off."""
-  prune = config.get('prune')
-  if not prune or prune.sparsity == 0:
+  if not pruning.is_on(config.get('prune')):
     return None
+  prune = config.prune
   end_step = config.total_steps if prune.end_step is None else prune.end_step  # None: the last step
   schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=end_step, every=prune.every,
                   cycles=prune.get('cycles', 1))
   pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **schedule)
-  if prune.start_step < 1:  # step 0 never runs: masks due then would never be computed
-    raise UserError(f'config.prune.start_step is {prune.start_step}, but the train loop counts its steps from 1 '
-                    '(step 1 is the first update), so nothing scheduled at step 0 would ever run: use '
-                    'start_step=1 to prune before the first update')
   last = prune.start_step if prune.schedule == 'oneshot' else end_step
   if last > config.total_steps:
     field = 'start_step' if prune.schedule == 'oneshot' else 'end_step'
     raise UserError(f'config.prune.{field} is {last}, after the last step ({config.total_steps}): the schedule '
                     f'would never reach its sparsity; make {field} at most config.total_steps')
   prunable = pruning.prunable(params, prune.get('include'), prune.get('exclude'))
-  return pruning_hook.MaskSchedule(prunable, prune.sparsity, prune.scope, prune.structure, **schedule)
+  adapters = lora.settings(config)  # with LoRA the model's weights are the merged ones: rank those
+  ranked = (lambda params: lora.merge_in_place(params, adapters.scale, keep_zeros=True)) if adapters else None
+  return pruning_hook.MaskSchedule(prunable, prune.sparsity, prune.scope, prune.structure, ranked=ranked, **schedule)
 
 
 def build_teacher_hook(config: ml_collections.ConfigDict, student: Model, mesh: Mesh,

@@ -1,5 +1,10 @@
-"""A pruned model, compressed: `python -m jft.export --workdir=DIR --out=OUT.safetensors [--step=N]`.
+"""A run's model for use elsewhere: `python -m jft.export --workdir=DIR --out=OUT [--format=F] [--step=N]`.
 
+`--format=hf` (a BERT run's default) and `--format=peft` (a LoRA run's adapters) write directories that
+`transformers` and `peft` load (jft/hf_export.py). `--format=jft-pruned` (the default for pruned runs and for
+other models) writes the one safetensors file below.
+
+The pruned model, compressed:
 Reads the parameters and pruning masks of a jft checkpoint with plain orbax (`jft.init.read_run`), strips the
 masks, and writes one safetensors file: each pruned tensor as a bitmask of its kept weights (`PATH::bitmask`,
 uint8, one bit per weight) plus the kept values in order (`PATH::values`), every other tensor as it is (`PATH`).
@@ -12,12 +17,13 @@ import os
 import sys
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import flags
 from safetensors.numpy import load_file, save_file
 
 from jft import init as init_lib
-from jft import tree_paths
+from jft import hf_export, lora, pruning, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -26,14 +32,24 @@ FORMAT = 'jft-pruned-v1'
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a jft work directory (its latest checkpoint unless --step)')
 _OUT = flags.DEFINE_string('out', None, 'the .safetensors file to write')
 _STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to export (default: the latest)')
+FORMATS = ('jft-pruned', 'hf', 'peft')
+_FORMAT = flags.DEFINE_enum('format', None, FORMATS, 'what to write (default: jft-pruned for pruned runs and '
+                            'non-BERT models, else hf)')
+USAGE = 'usage: python -m jft.export --workdir=DIR --out=OUT [--format=jft-pruned|hf|peft] [--step=N]'
 
 
 def read_params_and_masks(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """({path: parameter}, {path: mask} of the pruned ones) of a checkpoint, as host numpy arrays."""
+  """({path: parameter}, {path: mask} of the pruned ones) of a checkpoint, as host numpy arrays; LoRA adapters
+  are merged into the weights they adapt."""
   run = init_lib.read_run(workdir, items=('params', 'masks'), step=step)
   if run is None:
     raise UserError(f'{workdir} has no checkpoint; give the work directory of a jft run')
-  return tree_paths.flatten(run.params), tree_paths.flatten(run.masks or {})  # the unpruned (None) drop out
+  return params_and_masks(run)
+
+
+def params_and_masks(run: init_lib.Run) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  params = lora.merged_for_run(run.params, run.config)
+  return tree_paths.flatten(params), tree_paths.flatten(run.masks or {})  # the unpruned (None) drop out
 
 
 def compress(params: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
@@ -104,18 +120,31 @@ def size_table(params: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> l
   return [*rows.values(), total]
 
 
+def default_format(run_config: dict) -> str:
+  """jft-pruned for pruned runs and for models without a Hugging Face form, else hf."""
+  config = ml_collections.ConfigDict(run_config)
+  return 'hf' if config.model.name == 'bert' and not pruning.is_on(config.get('prune')) else 'jft-pruned'
+
+
 def main() -> None:
   try:
     flags.FLAGS(sys.argv)
   except flags.Error as e:
-    print(f'jft: error: {e}\nusage: python -m jft.export --workdir=DIR --out=OUT.safetensors [--step=N]',
-          file=sys.stderr)
+    print(f'jft: error: {e}\n{USAGE}', file=sys.stderr)
     sys.exit(2)
   if not _WORKDIR.value or not _OUT.value:
-    print('jft: error: both --workdir=DIR and --out=OUT.safetensors are required', file=sys.stderr)
+    print(f'jft: error: both --workdir=DIR and --out=OUT are required\n{USAGE}', file=sys.stderr)
     sys.exit(2)
   try:
-    params, masks = read_params_and_masks(_WORKDIR.value, _STEP.value)
+    run = init_lib.read_run(_WORKDIR.value, items=('params', 'masks'), step=_STEP.value)
+    if run is None:
+      raise UserError(f'{_WORKDIR.value} has no checkpoint; give the work directory of a jft run')
+    chosen = _FORMAT.value or default_format(run.config)
+    if chosen != 'jft-pruned':
+      export = hf_export.export_hf if chosen == 'hf' else hf_export.export_peft
+      print(json.dumps(export(run, _OUT.value)))
+      return
+    params, masks = params_and_masks(run)
     save(_OUT.value, params, masks)
     rows = size_table(params, masks)
   except UserError as e:

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from jft import model_files, pretrained, tree_paths
+from jft import lora, model_files, pretrained, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -83,7 +83,8 @@ def read_run(source: str | os.PathLike, items: Sequence[str] = ITEMS, step: int 
   state_dir = root / str(step) / 'state'
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   handlers = dict(state=ocp.PyTreeCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
-                  config=ocp.JsonCheckpointHandler())
+                  config=ocp.JsonCheckpointHandler(), fingerprint=ocp.JsonCheckpointHandler(),
+                  progress=ocp.JsonCheckpointHandler())  # every item named, or orbax warns about the others
   manager = ocp.CheckpointManager(root, options=options, item_handlers=handlers)
   try:
     saved = manager.item_metadata(step)['state'].tree
@@ -112,7 +113,7 @@ def load_params(source: str) -> tuple[PyTree, str]:
   model_files.refuse_pickle(source, 'config.init')
   run = read_run(source, items=('params',))
   if run is not None:
-    return run.params, f'jft checkpoint {run.state_dir}'
+    return lora.merged_for_run(run.params, run.config), f'jft checkpoint {run.state_dir}'
   if model_files.is_registered(source) or os.path.isfile(os.path.join(source, 'config.json')):
     return pretrained.load(source).variables['params'], f'pretrained {source}'
   registered = ', '.join(model_files.REGISTERED)

@@ -20,32 +20,51 @@ from jft.models.bert import BertConfig, BertModel
 
 PyTree = Any
 
-# Hugging Face tensor name (after any 'bert.' prefix) -> jft parameter path; `True` marks a linear weight,
-# stored [out, in] by PyTorch and [in, out] by Flax.
-_HF_TO_JFT = (
-    (r'embeddings\.(word|position|token_type)_embeddings\.weight', r'embeddings/\1_embeddings/embedding', False),
-    (r'embeddings\.LayerNorm\.(weight|gamma)', 'embeddings/layer_norm/scale', False),
-    (r'embeddings\.LayerNorm\.(bias|beta)', 'embeddings/layer_norm/bias', False),
-    (r'encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.weight',
-     r'encoder/layer_\1/attention/\2/kernel', True),
-    (r'encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.bias', r'encoder/layer_\1/attention/\2/bias', False),
-    (r'encoder\.layer\.(\d+)\.attention\.output\.dense\.weight', r'encoder/layer_\1/attention/output/kernel', True),
-    (r'encoder\.layer\.(\d+)\.attention\.output\.dense\.bias', r'encoder/layer_\1/attention/output/bias', False),
-    (r'encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(weight|gamma)',
-     r'encoder/layer_\1/attention/layer_norm/scale', False),
-    (r'encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.(bias|beta)',
-     r'encoder/layer_\1/attention/layer_norm/bias', False),
-    (r'encoder\.layer\.(\d+)\.intermediate\.dense\.weight', r'encoder/layer_\1/mlp/intermediate/kernel', True),
-    (r'encoder\.layer\.(\d+)\.intermediate\.dense\.bias', r'encoder/layer_\1/mlp/intermediate/bias', False),
-    (r'encoder\.layer\.(\d+)\.output\.dense\.weight', r'encoder/layer_\1/mlp/output/kernel', True),
-    (r'encoder\.layer\.(\d+)\.output\.dense\.bias', r'encoder/layer_\1/mlp/output/bias', False),
-    (r'encoder\.layer\.(\d+)\.output\.LayerNorm\.(weight|gamma)', r'encoder/layer_\1/mlp/layer_norm/scale', False),
-    (r'encoder\.layer\.(\d+)\.output\.LayerNorm\.(bias|beta)', r'encoder/layer_\1/mlp/layer_norm/bias', False),
-    (r'pooler\.dense\.weight', 'pooler/kernel', True),
-    (r'pooler\.dense\.bias', 'pooler/bias', False),
+# (Hugging Face tensor name after any 'bert.' prefix, jft parameter path, transposed): one table read both ways,
+# by `convert_hf_bert` (loading) and `to_hf_tensors` (export). `{i}` is a layer number and `{qkv}`, `{table}` one
+# of the names in `_FIELDS`. A transposed one is a linear weight, stored [out, in] by PyTorch and [in, out] by Flax.
+_NAMES = (
+    ('embeddings.{table}_embeddings.weight', 'embeddings/{table}_embeddings/embedding', False),
+    ('embeddings.LayerNorm.weight', 'embeddings/layer_norm/scale', False),
+    ('embeddings.LayerNorm.bias', 'embeddings/layer_norm/bias', False),
+    ('encoder.layer.{i}.attention.self.{qkv}.weight', 'encoder/layer_{i}/attention/{qkv}/kernel', True),
+    ('encoder.layer.{i}.attention.self.{qkv}.bias', 'encoder/layer_{i}/attention/{qkv}/bias', False),
+    ('encoder.layer.{i}.attention.output.dense.weight', 'encoder/layer_{i}/attention/output/kernel', True),
+    ('encoder.layer.{i}.attention.output.dense.bias', 'encoder/layer_{i}/attention/output/bias', False),
+    ('encoder.layer.{i}.attention.output.LayerNorm.weight', 'encoder/layer_{i}/attention/layer_norm/scale', False),
+    ('encoder.layer.{i}.attention.output.LayerNorm.bias', 'encoder/layer_{i}/attention/layer_norm/bias', False),
+    ('encoder.layer.{i}.intermediate.dense.weight', 'encoder/layer_{i}/mlp/intermediate/kernel', True),
+    ('encoder.layer.{i}.intermediate.dense.bias', 'encoder/layer_{i}/mlp/intermediate/bias', False),
+    ('encoder.layer.{i}.output.dense.weight', 'encoder/layer_{i}/mlp/output/kernel', True),
+    ('encoder.layer.{i}.output.dense.bias', 'encoder/layer_{i}/mlp/output/bias', False),
+    ('encoder.layer.{i}.output.LayerNorm.weight', 'encoder/layer_{i}/mlp/layer_norm/scale', False),
+    ('encoder.layer.{i}.output.LayerNorm.bias', 'encoder/layer_{i}/mlp/layer_norm/bias', False),
+    ('pooler.dense.weight', 'pooler/kernel', True),
+    ('pooler.dense.bias', 'pooler/bias', False),
 )
+_FIELDS = {'i': r'\d+', 'qkv': 'query|key|value', 'table': 'word|position|token_type'}
 # Buffers and task heads of other BERT classes: not encoder parameters.
 _IGNORED = (r'embeddings\.position_ids', r'cls\..*', r'classifier\..*', r'qa_outputs\..*')
+
+
+def _pattern(template: str) -> re.Pattern:
+  """A regex of a name template: the text literal, each `{field}` a named group of its alternatives."""
+  parts = re.split(r'\{(\w+)\}', template)
+  return re.compile(''.join(f'(?P<{part}>{_FIELDS[part]})' if k % 2 else re.escape(part)
+                            for k, part in enumerate(parts)))
+
+
+_HF_TO_JFT = [(_pattern(hf), jft, transpose) for hf, jft, transpose in _NAMES]
+_JFT_TO_HF = [(_pattern(jft), hf, transpose) for hf, jft, transpose in _NAMES]
+
+
+def _rename(name: str, table) -> tuple[str, bool] | None:
+  """(the other side's name, transposed) of `name` under `table`, or None if no entry matches it."""
+  for pattern, template, transpose in table:
+    match = pattern.fullmatch(name)
+    if match:
+      return template.format(**match.groupdict()), transpose
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +80,38 @@ def convert_hf_bert(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
   """({jft path: array}, names of tensors that are not encoder parameters) from Hugging Face BERT tensors."""
   converted, unused = {}, []
   for name, tensor in tensors.items():
-    name_in_model = name.removeprefix('bert.')
-    for pattern, path, transpose in _HF_TO_JFT:
-      match = re.fullmatch(pattern, name_in_model)
-      if match:
-        converted[match.expand(path)] = np.ascontiguousarray(tensor.T if transpose else tensor)
-        break
-    else:
-      if not any(re.fullmatch(p, name_in_model) for p in _IGNORED):
-        unused.append(name)
+    # Old checkpoints name the LayerNorm parameters gamma and beta.
+    name_in_model = re.sub(r'LayerNorm\.gamma$', 'LayerNorm.weight', name.removeprefix('bert.'))
+    name_in_model = re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', name_in_model)
+    renamed = _rename(name_in_model, _HF_TO_JFT)
+    if renamed is not None:
+      path, transpose = renamed
+      converted[path] = np.ascontiguousarray(tensor.T if transpose else tensor)
+    elif not any(re.fullmatch(p, name_in_model) for p in _IGNORED):
+      unused.append(name)
   return converted, unused
+
+
+def to_hf_tensors(params: PyTree, prefix: str = '') -> dict[str, np.ndarray]:
+  """The inverse of `convert_hf_bert`: {Hugging Face name: array} of a BERT encoder's parameter tree (`prefix`,
+  e.g. 'bert.', before each name). Every parameter must have a name: anything else is a `ValueError`."""
+  tensors = {}
+  for path, value in tree_paths.flatten(params).items():
+    renamed = _rename(path, _JFT_TO_HF)
+    if renamed is None:
+      raise ValueError(f'{path} is no BERT encoder parameter with a Hugging Face name')
+    name, transpose = renamed
+    value = np.asarray(value)
+    tensors[prefix + name] = np.ascontiguousarray(value.T if transpose else value)
+  return tensors
+
+
+def hf_module_name(path: str) -> str:
+  """The Hugging Face module of a jft kernel path, e.g. 'encoder.layer.0.attention.self.query' (PEFT's names)."""
+  renamed = _rename(path, _JFT_TO_HF)
+  if renamed is None or not renamed[0].endswith('.weight'):
+    raise ValueError(f'{path} is no BERT encoder weight with a Hugging Face module')
+  return renamed[0].removesuffix('.weight')
 
 
 def load(source: str, dtype: Any = np.float32, **config_overrides: Any) -> Pretrained:

@@ -42,6 +42,11 @@ SCHEDULES = ('oneshot', 'gradual', 'iterative')
 SCOPES = ('layer', 'global', 'erk')
 
 
+def is_on(prune_config: Any) -> bool:
+  """Whether a run's `config.prune` prunes (absent or sparsity 0: off)."""
+  return bool(prune_config) and prune_config.get('sparsity', 0) > 0
+
+
 def prunable(params: PyTree, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> PyTree:
   """A bool per parameter (arrays or shapes): its path matches an `include` regex and no `exclude` regex.
 
@@ -50,7 +55,7 @@ def prunable(params: PyTree, include: Sequence[str] | None = None, exclude: Sequ
   paths = list(tree_paths.flatten(params))
   for field, patterns in (('prune.include', include), ('prune.exclude', exclude)):
     for pattern in patterns or ():
-      rules._check_matches(field, pattern, paths)
+      rules.check_matches(field, pattern, paths)
   include = DEFAULT_INCLUDE if include is None else tuple(include)
   exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
   matches = lambda patterns, path: any(re.fullmatch(p, path) for p in patterns)

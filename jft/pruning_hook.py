@@ -6,6 +6,7 @@ masks put into the optimizer state, in one jitted update from the state's shardi
 donated. Never inside the train step: the step only keeps pruned weights at zero.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,8 +25,10 @@ class MaskSchedule(hooks.Hook):
   """Prunes the `prunable` parameters (a bool tree) to `sparsity` per `schedule` from `start_step` to `end_step`."""
 
   def __init__(self, prunable: PyTree, sparsity: float, scope: str, structure: str, schedule: str, start_step: int,
-               end_step: int, every: int = 1, cycles: int = 1):
+               end_step: int, every: int = 1, cycles: int = 1, ranked: Callable[[PyTree], PyTree] | None = None):
+    """`ranked(params)`: the weights to rank, shaped like `params` (e.g. LoRA's merged kernels); None: `params`."""
     self.prunable, self.sparsity, self.scope, self.structure = prunable, sparsity, scope, structure
+    self.ranked = ranked
     self.schedule = dict(schedule=schedule, start_step=start_step, end_step=end_step, every=every, cycles=cycles)
     self._updates = {}
 
@@ -52,8 +55,15 @@ class MaskSchedule(hooks.Hook):
     prunable_params, others = rules.split_trainable(state.params, self.prunable)
     gathered = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(self._mesh(state)))(prunable_params)
     params = rules.merge_trainable(gathered, others)
+    if self.ranked is not None:
+      params = self.ranked(params)
     masks = pruning.compute_masks(params, self.prunable, target, self.scope, self.structure)
     return self._update(state)(state, masks)
+
+  def at_target(self, step: int) -> bool:
+    """Whether the state after step `step` is pruned to the final sparsity (only such a state can be the run's
+    best checkpoint: an earlier, denser one would win on accuracy without being the model asked for)."""
+    return pruning.sparsity_at(step, self.sparsity, **self.schedule) == self.sparsity
 
   def report(self, state) -> dict[str, float]:
     return pruning.sparsity_report(state.params, pruning.masks_of(state.opt_state))

@@ -22,7 +22,7 @@ from jft import tree_paths
 from jft.errors import UserError
 
 PyTree = Any
-DEFAULT_DECAY = (r'.*kernel', r'.*embedding')
+DEFAULT_DECAY = (r'.*kernel', r'.*embedding', r'.*lora_[ab]')  # LoRA's factors decay, as in PEFT + Trainer
 LAYER_PATTERN = r'encoder/layer_(\d+)/.*'
 EMBEDDINGS_PATTERN = r'embeddings/.*'
 
@@ -43,7 +43,7 @@ def _closest(pattern: str, paths: Sequence[str]) -> str:
   return ', '.join(close)
 
 
-def _check_matches(field: str, pattern: str, paths: Sequence[str]) -> None:
+def check_matches(field: str, pattern: str, paths: Sequence[str]) -> None:
   try:
     compiled = re.compile(pattern)
   except re.error as e:
@@ -85,17 +85,17 @@ def resolve(params: PyTree, freeze: Sequence[str] = (), lr_mults: Sequence[tuple
   flat = tree_paths.flatten(params)
   paths = list(flat)
   for pattern in freeze:
-    _check_matches('freeze', pattern, paths)
+    check_matches('freeze', pattern, paths)
   for rule in lr_mults:
     if len(rule) != 2:
       raise UserError(f'config.lr_mults entry {rule!r} is not a (regex, multiplier) pair')
     pattern, mult = rule
-    _check_matches('lr_mults', pattern, paths)
+    check_matches('lr_mults', pattern, paths)
     if not mult > 0:
       raise UserError(f'config.lr_mults multiplier for {pattern!r} is {mult}: it must be positive '
                       '(to keep parameters fixed, freeze them instead)')
   for pattern in decay or ():
-    _check_matches('optim.decay', pattern, paths)
+    check_matches('optim.decay', pattern, paths)
   decay = DEFAULT_DECAY if decay is None else tuple(decay)
 
   trainable, lr_mult, decays = {}, {}, {}

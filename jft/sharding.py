@@ -144,7 +144,7 @@ def param_specs(params: PyTree, axis_sizes: Mapping[str, int], sharding_rules: S
   for rule in sharding_rules:
     if len(rule) != 2:
       raise UserError(f'config.sharding.rules entry {rule!r} is not a (regex, partition spec) pair')
-    rules._check_matches('sharding.rules', rule[0], list(flat))
+    rules.check_matches('sharding.rules', rule[0], list(flat))
     compiled.append((re.compile(rule[0]), _as_spec(rule[1])))
   fsdp = axis_sizes.get(FSDP_AXIS, 1)
   specs = {}

@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from jft import optim, rules, tree_paths
+from jft import lora, optim, rules, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -68,6 +68,8 @@ def plan(config: ml_collections.ConfigDict, params: PyTree) -> list[Stage]:
   """The stages of the run, with every rule resolved on `params` (arrays or shapes); fails on any bad rule."""
   stages, first_step, since = [], 1, {}
   accumulate = config.optim.get('accumulate_steps', 1)
+  adapters = lora.settings(config)
+  adapters_only = (lora.freeze_rule(adapters),) if adapters else ()  # LoRA: the base weights are frozen throughout
   for i, stage in enumerate(_stage_configs(config)):
     optim = ml_collections.ConfigDict(config.optim.to_dict())
     try:
@@ -77,7 +79,7 @@ def plan(config: ml_collections.ConfigDict, params: PyTree) -> list[Stage]:
     if stage['steps'] % accumulate:
       raise UserError(f'config.stages[{i}] has {stage["steps"]} steps, not a multiple of optim.accumulate_steps '
                       f'{accumulate}: an accumulated update must not straddle a stage boundary')
-    labels = _labels(params, optim, stage.get('freeze', ()), stage.get('lr_mults', ()))
+    labels = _labels(params, optim, (*stage.get('freeze', ()), *adapters_only), stage.get('lr_mults', ()))
     trainable = tree_paths.flatten(labels.trainable)
     since = {path: (i if since.get(path) is None else since[path]) if is_trainable else None
              for path, is_trainable in trainable.items()}

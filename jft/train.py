@@ -19,9 +19,12 @@ from jax.experimental import multihost_utils
 from jft import (
   compilation_cache,
   components,
+  config_checks,
   data,
   distill,
   divergence,
+  early_stopping,
+  lora,
   metric_writer,
   optim,
   pmap_backend,
@@ -31,21 +34,10 @@ from jft import (
 from jft import init as init_lib
 from jft import stages as stages_lib
 from jft import step as step_lib
-from jft.apply_fn import linen_apply_fn
 from jft.checkpoint import Checkpoints, DamagedCheckpoint
 from jft.errors import UserError
 from jft.metric_writer import MetricWriter
 from jft.state import TrainState, create_train_state
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails before anything is written when a field is out of range."""
-  for field in ('total_steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every'):
-    if config[field] <= 0:
-      raise UserError(f'config.{field} must be a positive integer, got {config[field]}')
-  if config.get('skip_nonfinite', 0) < 0:
-    raise UserError(f'config.skip_nonfinite must be 0 or more (steps with a NaN or inf loss that may be skipped), '
-                    f'got {config.skip_nonfinite}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -58,7 +50,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   started = time.perf_counter()
   workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
   # Setup: every config check runs here, before anything is written.
-  validate_config(config)
+  config_checks.check(config)
   mesh = sharding.make_mesh(shape=config.get('mesh'))
   sharding.check_batch_size(config.batch_size, mesh)
   backend = config.get('backend', 'jit')
@@ -70,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       data.data_source(config.data.name, config.data.train_split, config.data.data_dir, config.data.get('classes'))
     multihost_utils.sync_global_devices('jft: data prepared')
   model = components.build_model(config, **process)
-  apply_fn = linen_apply_fn(model.module)
+  apply_fn = model.apply_fn
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   abstract_params = jax.eval_shape(model.init_variables, init_rng)[0]
   param_specs = components.param_specs(config, abstract_params, mesh)
@@ -97,13 +89,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return stages_lib.CompiledStage(stage, tx, state_sharding, train_step)
 
   checkpoints = Checkpoints(workdir / 'checkpoints', **config.checkpoint)
+  # The best validation result so far (a new best is always saved, for the test of config.test_on='best'), and
+  # early stopping: both resume from the checkpoint's progress record.
+  test_on = early_stopping.test_on(config)
+  best = early_stopping.Best(config.checkpoint.best_metric, config.checkpoint.best_mode)
+  stopper = early_stopping.from_config(config)
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
+
+  def restore(step: int):
+    """(state, data state) of checkpoint `step`, onto this run's mesh, in the layout of its stage."""
+    runner = stages_lib.StageRunner(stages, compile_stage, step)
+    target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
+    return runner, checkpoints.restore(step, target)
+
   resume_step, restored = None, None
   for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
-    runner = stages_lib.StageRunner(stages, compile_stage, step)
-    target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)  # this run's mesh
     try:
-      restored, resume_step = checkpoints.restore(step, target), step
+      runner, restored = restore(step)
+      progress, resume_step = checkpoints.progress(step), step
       break
     except DamagedCheckpoint as e:
       moved = checkpoints.set_aside(step)
@@ -118,6 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state, data_state = restored
     train_batches.set_state(data_state)
+    best.load(progress.get('best'))
+    if stopper is not None:
+      stopper.load(progress.get('early_stopping'))
     logging.info('resumed from step %d (stage %d)', resume_step, runner.current.stage.index)
 
   config_json = json.loads(config.to_json())
@@ -130,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate(split: str, state) -> dict[str, float]:
     key = jax.tree.structure(state)  # compiled per layout of the state: a stage boundary changes it
     if key not in compiled_eval_steps:
-      compiled_eval_steps[key] = step_lib.jit_eval_step(eval_step, mesh, runner.current.state_sharding)
+      compiled_eval_steps[key] = step_lib.jit_eval_step(eval_step, mesh, jax.tree.map(lambda x: x.sharding, state))
     batches = data.eval_batches(config.data, split, config.batch_size, **process)
     return step_lib.evaluate(compiled_eval_steps[key], state, batches, mesh)
 
@@ -138,7 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log = metric_writer.TrainLog()
   nonfinite = divergence.NonfiniteWatch(config.get('skip_nonfinite', 0), advice=_divergence_advice(config))
   first_step = int(state.step) + 1
-  bar = tqdm.tqdm(range(first_step, config.total_steps + 1), initial=first_step - 1, total=config.total_steps,
+  last_step = config.total_steps if stopper is None or not stopper.stop else first_step - 1  # stopped early before
+  bar = tqdm.tqdm(range(first_step, last_step + 1), initial=first_step - 1, total=config.total_steps,
                   unit='step', mininterval=1.0, disable=jax.process_index() != 0)
   for step in bar:
     state = runner.before_step(step, state)
@@ -157,12 +164,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               if jax.config.jax_compilation_cache_dir}})
     last = step == config.total_steps
     stop = preempted is not None and preempted.reached(step)
+    evaluate_now = bool(config.data.validation_split) and (step % config.eval_every == 0 or last)
     save = step % config.checkpoint_every == 0 or last or stop
     if step % config.log_every == 0 or last:
       means = log.flush()
       writer.write(step, 'train', {**means, **{k: v for hook in hooks for k, v in hook.report(state).items()}})
       bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
-    if step % config.log_every == 0 or save:  # where the loop waits anyway
+    if step % config.log_every == 0 or save or evaluate_now:  # where the loop waits anyway
       try:
         nonfinite.check()
       except divergence.Diverged as e:
@@ -171,12 +179,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpoints.close()
         writer.close()
         raise divergence.Diverged(f'{e} {_last_good_checkpoint(checkpoints)}') from None
-    validation = None
-    if config.data.validation_split and (step % config.eval_every == 0 or last):
+    validation, stopped_early, rank = None, False, False
+    if evaluate_now:
       validation = evaluate(config.data.validation_split, state)
       writer.write(step, 'validation', validation)
+      # A pruning run's best is picked among its states at the final sparsity: the others are not ranked.
+      rank = pruner is None or pruner.at_target(step)
+      save |= rank and best.update(step, validation) and test_on == 'best'
+      if stopper is not None and rank:
+        stopper.update(step, validation)
+        stopped_early = stopper.stop
+        save |= stopped_early
     if save:
-      checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation)
+      progress = {'best': best.to_json(), **({'early_stopping': stopper.to_json()} if stopper else {})}
+      checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation if rank else None,
+                       progress=progress)
     if stop:
       bar.close()
       checkpoints.wait()
@@ -184,12 +201,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.close()
       raise preemption.Preempted(f'{preempted.signal.name}: saved the checkpoint of step {step} in '
                                  f'{checkpoints.directory}; run the same command to resume from it')
+    if stopped_early:
+      logging.info('early stopping at step %d: %s has not improved on %s (step %d) for %d evaluations', step,
+                   stopper.metric, stopper.value, stopper.step, stopper.evals_since)
+      break
     log.resume_clock()  # steps_per_sec counts training alone, not the evaluations and saves
   bar.close()
   checkpoints.wait()
 
-  test = evaluate(config.data.test_split, state)
-  test.update({k: v for hook in hooks for k, v in hook.summary(state).items()})
+  tested, tested_step = state, int(state.step)
+  if test_on == 'best':  # the first step of the best result, if orbax kept it among equals
+    tested_step = best.step if best.step in checkpoints.all_steps() else checkpoints.best_step() or tested_step
+  if tested_step != int(state.step):
+    tested, _ = restore(tested_step)[1]
+  test = evaluate(config.data.test_split, tested)
+  test.update({k: v for hook in hooks for k, v in hook.summary(tested).items()})
+  test.update(tested_step=int(tested.step), test_on=test_on)
+  if stopper is not None and stopper.stop:
+    test['stopped_early'] = True
   writer.write(int(state.step), 'test', test)
   checkpoints.close()
   writer.close()
@@ -204,7 +233,8 @@ def init_state(config: ml_collections.ConfigDict, model: components.Model, init_
   params, model_state = jax.jit(model.init_variables, out_shardings=(params_sharding, model_state_sharding))(init_rng)
   if config.init:
     loaded, source = init_lib.load_params(config.init)
-    params = sharding.put(init_lib.merge_params(params, loaded, config.init_skip, source), params_sharding)
+    skip = (*config.init_skip, lora.ADAPTER) if lora.settings(config) else config.init_skip  # new adapters
+    params = sharding.put(init_lib.merge_params(params, loaded, skip, source), params_sharding)
     logging.info('initialised from %s, except %s', source, config.init_skip)
   return jax.jit(lambda params, model_state: make_state(params, model_state, tx),
                  in_shardings=(params_sharding, model_state_sharding), out_shardings=state_sharding,

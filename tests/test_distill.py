@@ -98,7 +98,8 @@ def test_a_teacher_with_batchnorm_keeps_its_statistics(tmp_path):
   checkpoints = Checkpoints(str(tmp_path / 'checkpoints'))
   checkpoints.save(state, {}, {'model': {'name': 'resnet', 'stage_features': [4], 'blocks_per_stage': 1}})
   checkpoints.close()
-  student = components.Model(module=module, num_classes=3, init_variables=None, example_inputs={'image': images[:1]})
+  student = components.Model(module=module, num_classes=3, init_variables=None, example_inputs={'image': images[:1]},
+                             apply_fn=None)
   teacher = components.build_teacher(str(tmp_path), student)
   jax.tree.map(np.testing.assert_array_equal, teacher.model_state, jax.device_get(model_state))
   logits = step_lib.make_logits_fn(teacher.apply_fn)(teacher.params, teacher.model_state, {'image': images})
@@ -117,7 +118,7 @@ def teacher_run(tmp_path_factory, data_dir):
 
 def test_teacher_that_predicts_other_classes_is_a_user_error(teacher_run):
   student = components.Model(module=None, num_classes=5, init_variables=None,
-                             example_inputs={'image': np.zeros((1, 28, 28, 1), np.float32)})
+                             example_inputs={'image': np.zeros((1, 28, 28, 1), np.float32)}, apply_fn=None)
   with pytest.raises(UserError, match=r'head/kernel: expected \(256, 5\), found \(256, 10\)'):
     components.build_teacher(teacher_run, student)
 

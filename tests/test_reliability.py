@@ -1,6 +1,7 @@
 """Failures and recovery: preemption (SIGTERM), divergence (exit 3), damaged checkpoints, one run per work
 directory. The command-line cases use digits_cnn:quick (about 10 s a run)."""
 
+import ctypes
 import json
 import os
 import re
@@ -277,6 +278,39 @@ def test_workdir_that_is_a_file_or_cannot_be_made_exits_2(tmp_path, data_dir, be
   result = run_main(DIGITS, f'--workdir={path}{below}', data_dir=data_dir)
   assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr and path.read_text() == 'keep me'
+
+
+def root_obeys_file_permissions():
+  """Runs in a child before exec: if it is root, it gives up the capabilities to ignore file permissions
+  (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) for good, so a read-only directory is read-only to it too."""
+  if os.geteuid() != 0:
+    return
+  libc = ctypes.CDLL(None, use_errno=True)
+  for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, capability, 0, 0, 0):  # PR_CAPBSET_DROP: needs CAP_SETPCAP
+      raise OSError(ctypes.get_errno(), 'prctl(PR_CAPBSET_DROP)')
+
+
+def test_a_workdir_that_is_not_writable_exits_2_and_is_left_as_it_was(tmp_path, data_dir):
+  workdir = tmp_path / 'read_only'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('kept')
+  workdir.chmod(0o555)
+  try:
+    try:
+      probe = subprocess.run(['touch', str(workdir / 'probe')], preexec_fn=root_obeys_file_permissions,
+                             capture_output=True)
+    except subprocess.SubprocessError:
+      pytest.skip('root here cannot give up CAP_DAC_OVERRIDE (no CAP_SETPCAP), so no directory is read-only to it')
+    assert probe.returncode != 0
+    command = [sys.executable, '-m', 'jft.main', DIGITS, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}']
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            preexec_fn=root_obeys_file_permissions)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f'the work directory {workdir} is not writable' in result.stderr and 'Traceback' not in result.stderr
+    assert os.listdir(workdir) == ['notes.txt']
+  finally:
+    workdir.chmod(0o755)
 
 
 def test_sigkill_at_several_moments_even_during_a_save_resumes_bit_identical(digits_run, tmp_path, data_dir):

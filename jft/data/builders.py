@@ -153,3 +153,8 @@ def data_source(name: str, split: str, data_dir: str | None = None,
 def num_classes(name: str, data_dir: str | None = None, classes: Sequence[str] | None = None) -> int:
   """The number of classes of dataset `name` (of `classes`, for the dataset fortunes)."""
   return make_builder(name, data_dir, classes).info.features['label'].num_classes
+
+
+def class_names(name: str, data_dir: str | None = None, classes: Sequence[str] | None = None) -> list[str]:
+  """The names of the classes of dataset `name`, in label order."""
+  return list(make_builder(name, data_dir, classes).info.features['label'].names)

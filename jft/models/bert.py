@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jft import model_files
+from jft import config_checks, model_files
 from jft.errors import UserError
 from jft.models import precision
 from jft.models.dropout import Dropout
@@ -57,6 +57,7 @@ class BertConfig:
   initializer_range: float = 0.02
 
   def __post_init__(self):
+    config_checks.check_fields('the BERT config', dataclasses.asdict(self), config_checks.BERT_FIELDS)
     if self.hidden_size % self.num_attention_heads:
       raise UserError(f'BERT hidden_size {self.hidden_size} is not divisible by num_attention_heads '
                       f'{self.num_attention_heads}: fix config.json or the model overrides')
