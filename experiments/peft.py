@@ -124,8 +124,8 @@ def main():
   times = step_times(labels)
   encoder = rows[labels[-1], False]['trainable'] if labels[-1] == 'full fine-tuning' else None
 
-  header = ('| what trains | test accuracy | test macro-F1 | trainable parameters | optimizer state | step time, 32 x 64 '
-            '| with early stopping: stopped at | its test step | its test accuracy |')
+  header = ('| what trains | test accuracy | test macro-F1 | trainable parameters | optimizer state '
+            '| step time, 32 x 64 | with early stopping: stopped at | its test step | its test accuracy |')
   table = ['# Parameter-efficient fine-tuning of MiniLM on fortunes8', '',
            'Produced by `python experiments/peft.py`' + (' --quick (smoke run: not results)' if args.quick else '')
            + '; one seed (0); up to 700 steps of batch 32; the test of the best validation checkpoint (test_on '
@@ -155,7 +155,7 @@ def main():
   right.bar(short, [rows[label, False]['trainable'] for label in labels], color='tab:green')
   right.set_yscale('log')
   right.set_ylabel('trainable parameters (log)')
-  right.set_title(f'trainable parameters; step time (ms) on top')
+  right.set_title('trainable parameters; step time (ms) on top')
   for x, label in enumerate(labels):
     right.annotate(f'{times[label] * 1e3:.0f} ms', (x, rows[label, False]['trainable']), ha='center',
                    va='bottom')

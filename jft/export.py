@@ -22,8 +22,8 @@ import numpy as np
 from absl import flags
 from safetensors.numpy import load_file, save_file
 
-from jft import init as init_lib
 from jft import hf_export, lora, pruning, tree_paths
+from jft import init as init_lib
 from jft.errors import UserError
 
 PyTree = Any

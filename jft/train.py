@@ -97,7 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
 
   def restore(step: int):
-    """(state, data state) of checkpoint `step`, onto this run's mesh, in the layout of its stage."""
+    """(the stage runner from `step` on, (state, data state) of checkpoint `step`), the state on this run's mesh
+    in the layout of the stage that saved it."""
     runner = stages_lib.StageRunner(stages, compile_stage, step)
     target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
     return runner, checkpoints.restore(step, target)
@@ -191,9 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         stopped_early = stopper.stop
         save |= stopped_early
     if save:
-      progress = {'best': best.to_json(), **({'early_stopping': stopper.to_json()} if stopper else {})}
+      records = {'best': best.to_json(), **({'early_stopping': stopper.to_json()} if stopper else {})}
       checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation if rank else None,
-                       progress=progress)
+                       progress=records)
     if stop:
       bar.close()
       checkpoints.wait()

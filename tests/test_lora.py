@@ -134,9 +134,10 @@ def test_targets_that_match_nothing_or_a_vector_are_refused():
     lora.add_adapters(params, lora.LoraSettings(2, 4.0, ('hidden/.*',), ()), jax.random.PRNGKey(0))
 
 
-def test_a_lora_run_resumes_exactly_and_a_later_run_takes_its_merged_weights(tmp_path, data_dir):
+def test_a_pruned_lora_run_resumes_exactly_merges_keeping_its_zeros_and_is_read_merged(tmp_path, data_dir):
+  from jft import export
   args = [sys.executable, '-m', 'jft.main', DIGITS, '--config.lora.rank=4', '--config.checkpoint_every=1000',
-          f'--config.data.data_dir={data_dir}']
+          '--config.prune.sparsity=0.5', '--config.prune.schedule=oneshot', f'--config.data.data_dir={data_dir}']
   whole, interrupted = tmp_path / 'whole', tmp_path / 'interrupted'
   assert subprocess.run([*args, f'--workdir={whole}'], cwd=ROOT, capture_output=True).returncode == 0
   process = subprocess.Popen([*args, f'--workdir={interrupted}'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -144,25 +145,10 @@ def test_a_lora_run_resumes_exactly_and_a_later_run_takes_its_merged_weights(tmp
   assert process.returncode == 75
   assert subprocess.run([*args, f'--workdir={interrupted}'], cwd=ROOT, capture_output=True).returncode == 0
   assert params_sha(interrupted, 30) == params_sha(whole, 30)
-  # As `init` (or a teacher) of another run, the adapters come merged: the plain CNN's parameters.
+  # The merge (what jft.export writes) keeps exactly the pruned zeros of the base weights.
+  merged, masks = export.read_params_and_masks(str(whole))
   run = init_lib.read_run(str(whole), items=('params',))
-  merged, source = init_lib.load_params(str(whole))
-  assert not lora.has_adapters(merged) and 'jft checkpoint' in source
-  expected = lora.merge(run.params, scale=8.0 / 4)
-  for path, value in tree_paths.flatten(expected).items():
-    np.testing.assert_array_equal(tree_paths.flatten(merged)[path], value)
-  assert not np.array_equal(merged['hidden']['kernel'], run.params['hidden']['kernel'])
-
-
-def test_a_pruned_lora_run_merges_to_weights_that_keep_exactly_the_pruned_zeros(tmp_path, data_dir):
-  from jft import export
-  result = subprocess.run([sys.executable, '-m', 'jft.main', DIGITS, '--config.lora.rank=4',
-                           '--config.prune.sparsity=0.5', '--config.prune.schedule=oneshot',
-                           f'--config.data.data_dir={data_dir}', f'--workdir={tmp_path}'], cwd=ROOT,
-                          capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
-  merged, masks = export.read_params_and_masks(str(tmp_path))
-  raw = tree_paths.flatten(init_lib.read_run(str(tmp_path), items=('params',)).params)
+  raw = tree_paths.flatten(run.params)
   assert set(masks) == {'conv_0/kernel', 'conv_1/kernel', 'hidden/kernel'}
   for path, mask in masks.items():
     mask = np.asarray(mask, bool)
@@ -170,3 +156,28 @@ def test_a_pruned_lora_run_merges_to_weights_that_keep_exactly_the_pruned_zeros(
     assert np.all(merged[path][~mask] == 0) and np.all(raw[path][~mask] == 0), path
     assert np.all(merged[path][mask] != 0), path
     assert not np.array_equal(merged[path][mask], raw[path][mask]), f'{path}: the adapters did not train'
+  # As `init` (or a teacher) of another run, the adapters come merged: the plain CNN's parameters.
+  loaded, source = init_lib.load_params(str(whole))
+  assert not lora.has_adapters(loaded) and 'jft checkpoint' in source
+  for path, value in tree_paths.flatten(lora.merge(run.params, scale=8.0 / 4, keep_zeros=True)).items():
+    np.testing.assert_array_equal(tree_paths.flatten(loaded)[path], value)
+    np.testing.assert_array_equal(merged[path], value)
+
+
+def test_inspect_lists_the_adapters_and_the_trainable_fraction(data_dir):
+  import importlib.util
+
+  from jft import inspect
+  spec = importlib.util.spec_from_file_location('digits_cnn', f'{ROOT}/configs/digits_cnn.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('quick')
+  config.lora.rank, config.data.data_dir = 4, data_dir
+  report = inspect.describe(config, device_count=1)
+  rows = {line.split()[0]: [cell.split() for cell in line.split(' | ')] for line in report.splitlines()
+          if '/' in line.split(' ')[0]}
+  assert rows['hidden/lora_a'][0][1:] == ['(3136,', '4)', '12,544'] and rows['hidden/lora_a'][1][0] == 'train'
+  assert rows['hidden/lora_b'][0][1:] == ['(4,', '256)', '1,024'] and rows['conv_1/lora_a'][0][1:3] == ['(288,', '4)']
+  assert rows['hidden/kernel'][1][0] == 'frozen' and rows['head/kernel'][1][0] == 'train'
+  # adapters: 9*4 + 4*32 + 288*4 + 4*64 + 3136*4 + 4*256 = 15,140; the head 256*10 + 10
+  assert 'trainable 17,710 (2.1%), frozen 821,888' in report
