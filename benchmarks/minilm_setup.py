@@ -1,12 +1,14 @@
 """The MiniLM classifier, a synthetic fortunes8-shaped batch, jitted train steps and FLOP counts, shared by the
 benchmarks."""
 
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from timing import interleaved_times
 
 from jft import lora, optim, pretrained, rules, sharding
 from jft import step as step_lib
@@ -58,6 +60,22 @@ class MiniLMSetup:
     state = sharding.put_replicated(create_train_state(params, self.model_state, tx, jax.random.PRNGKey(1)), self.mesh)
     train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx, labels.trainable), self.mesh)
     return state, train_step
+
+
+def median_step_times(setup: MiniLMSetup, runs: dict[str, tuple], steps: int = 6) -> dict[str, float]:
+  """Median seconds of each named (state, train step) of `runs` on `setup`'s batch, compiled first, then timed
+  interleaved in rounds of 2 so machine noise hits them alike."""
+  runs = {name: list(pair) for name, pair in runs.items()}
+
+  def run(name):
+    state, train_step = runs[name]
+    runs[name][0], metrics = train_step(state, setup.device_batch)
+    jax.block_until_ready(metrics)
+
+  for name in runs:
+    run(name)  # compile
+  times = interleaved_times({name: lambda name=name: run(name) for name in runs}, steps, 2)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def forward_flops(config: BertConfig, batch: int, length: int, num_classes: int) -> float:

@@ -24,8 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import RESULTS, load_config, read_metrics, run_jft  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
-from minilm_setup import MiniLMSetup  # noqa: E402
-from timing import interleaved_times  # noqa: E402
+from minilm_setup import MiniLMSetup, median_step_times  # noqa: E402
 
 from jft import components, optim, tree_paths  # noqa: E402
 from jft import stages as stages_lib  # noqa: E402
@@ -58,17 +57,8 @@ def footprint(config) -> tuple[int, int]:
 def controlled_step_times(batch_size: int = 32, length: int = 64, steps: int = 6) -> dict[str, float]:
   """Median seconds of the probe, top-2 and full MiniLM train steps, interleaved on the same batch."""
   setup = MiniLMSetup(batch_size, length)
-  runs = {name: list(setup.state_and_step(freeze)) for name, freeze in STEP_RULES.items()}
-
-  def run(name):
-    state, train_step = runs[name]
-    runs[name][0], metrics = train_step(state, setup.device_batch)
-    jax.block_until_ready(metrics)
-
-  for name in runs:
-    run(name)  # compile
-  times = interleaved_times({name: lambda name=name: run(name) for name in runs}, steps, 2)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return median_step_times(setup, {name: setup.state_and_step(freeze) for name, freeze in STEP_RULES.items()},
+                           steps)
 
 
 def main():

@@ -13,10 +13,8 @@ of 32 x 64 tokens. Writes experiments/results/peft.md and peft.png.
 import argparse
 import json
 import os
-import statistics
 import sys
 
-import jax
 import matplotlib
 
 matplotlib.use('Agg')
@@ -25,8 +23,7 @@ from common import RESULTS, RUNS, load_config, read_metrics, run_jft  # noqa: E4
 from freezing import footprint  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
-from minilm_setup import MiniLMSetup  # noqa: E402
-from timing import interleaved_times  # noqa: E402
+from minilm_setup import MiniLMSetup, median_step_times  # noqa: E402
 
 from jft import lora  # noqa: E402
 
@@ -86,17 +83,8 @@ def step_times(labels, batch_size: int = 32, length: int = 64, steps: int = 6) -
     variant, overrides = VARIANTS[label]
     config = apply_overrides(load_config(config_spec(variant, False)), overrides)
     settings = lora.settings(config)
-    runs[label] = list(setup.state_and_step(tuple(config.freeze), lora_settings=settings))
-
-  def run(label):
-    state, train_step = runs[label]
-    runs[label][0], metrics = train_step(state, setup.device_batch)
-    jax.block_until_ready(metrics)
-
-  for label in runs:
-    run(label)  # compile
-  times = interleaved_times({label: lambda label=label: run(label) for label in runs}, steps, 2)
-  return {label: statistics.median(t) for label, t in times.items()}
+    runs[label] = setup.state_and_step(tuple(config.freeze), lora_settings=settings)
+  return median_step_times(setup, runs, steps)
 
 
 def main():
