@@ -46,9 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.freeze = ()  # regexes of parameter paths that never change
   config.lr_mults = ()  # (regex, multiplier) pairs
   config.stages = ()  # see jft/stages.py
-  # Magnitude pruning (jft/pruning.py); sparsity 0 is off; end_step None is total_steps.
+  # Pruning (jft/pruning.py; criteria: jft/prune_criteria.py); sparsity 0 is off; end_step None is total_steps;
+  # initial_sparsity: the gradual schedule's first step (GMP*); rewind_lr: the rate restarts at each mask update.
   config.prune = dict(sparsity=0.0, schedule='gradual', start_step=1, end_step=config_dict.placeholder(int),
-                      every=10, cycles=1, scope='layer', structure='unstructured',
+                      every=10, cycles=1, scope='layer', structure='unstructured', criterion='magnitude',
+                      initial_sparsity=0.0, rewind_lr=False,
                       include=config_dict.placeholder(tuple), exclude=config_dict.placeholder(tuple))
   # Knowledge distillation (jft/distill.py) from the jft run `teacher` (None: off): the loss is
   # (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || model), both softened by temperature.

@@ -3,7 +3,7 @@ the command-line tools (`jft.main`, `jft.inspect`). Every check of a config runs
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -12,8 +12,21 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from jft import data, distill, lora, model_files, models, pruning, pruning_hook, sharding, teacher_hook, tree_paths
+from jft import (
+  data,
+  distill,
+  lora,
+  model_files,
+  models,
+  prune_criteria,
+  pruning,
+  pruning_hook,
+  sharding,
+  teacher_hook,
+  tree_paths,
+)
 from jft import init as init_lib
+from jft import stages as stages_lib
 from jft import step as step_lib
 from jft.apply_fn import ApplyFn, linen_apply_fn, split_variables
 from jft.errors import UserError
@@ -95,14 +108,16 @@ def _min_bytes(config: ml_collections.ConfigDict) -> int:
   return (config.get('sharding') or {}).get('min_bytes', sharding.DEFAULT_MIN_BYTES)
 
 
-def build_pruner(config: ml_collections.ConfigDict, params: PyTree) -> pruning_hook.MaskSchedule | None:
-  """The pruning schedule of `config.prune` over `params` (arrays or shapes), checked; None when it is off."""
+def build_pruner(config: ml_collections.ConfigDict, params: PyTree,
+                 stages: Sequence[stages_lib.Stage]) -> pruning_hook.MaskSchedule | None:
+  """The pruning schedule of `config.prune` over `params` (arrays or shapes), checked against the run's `stages`;
+  None when it is off."""
   if not pruning.is_on(config.get('prune')):
     return None
   prune = config.prune
   end_step = config.total_steps if prune.end_step is None else prune.end_step  # None: the last step
   schedule = dict(schedule=prune.schedule, start_step=prune.start_step, end_step=end_step, every=prune.every,
-                  cycles=prune.get('cycles', 1))
+                  cycles=prune.get('cycles', 1), initial=prune.get('initial_sparsity', 0.0))
   pruning.check_settings(prune.sparsity, scope=prune.scope, structure=prune.structure, **schedule)
   last = prune.start_step if prune.schedule == 'oneshot' else end_step
   if last > config.total_steps:
@@ -110,9 +125,14 @@ def build_pruner(config: ml_collections.ConfigDict, params: PyTree) -> pruning_h
     raise UserError(f'config.prune.{field} is {last}, after the last step ({config.total_steps}): the schedule '
                     f'would never reach its sparsity; make {field} at most config.total_steps')
   prunable = pruning.prunable(params, prune.get('include'), prune.get('exclude'))
+  criterion = prune.get('criterion', 'magnitude')
+  first_pruning = min(step for step in pruning.update_steps(**schedule)
+                      if pruning.sparsity_at(step, prune.sparsity, **schedule) > 0)
+  prune_criteria.check(criterion, prunable, [stage.labels.trainable for stage in stages], first_pruning)
   adapters = lora.settings(config)  # with LoRA the model's weights are the merged ones: rank those
   ranked = (lambda params: lora.merge_in_place(params, adapters.scale, keep_zeros=True)) if adapters else None
-  return pruning_hook.MaskSchedule(prunable, prune.sparsity, prune.scope, prune.structure, ranked=ranked, **schedule)
+  return pruning_hook.MaskSchedule(prunable, prune.sparsity, prune.scope, prune.structure, criterion=criterion,
+                                   rewind_lr=prune.get('rewind_lr', False), ranked=ranked, **schedule)
 
 
 def build_teacher_hook(config: ml_collections.ConfigDict, student: Model, mesh: Mesh,

@@ -110,6 +110,7 @@ FIELDS: dict[str, Number] = {
     'prune.end_step': Number(int, low=1, optional=True),
     'prune.every': POSITIVE_INT,
     'prune.cycles': POSITIVE_INT,
+    'prune.initial_sparsity': FRACTION,
     'distill.weight': Number(float, low=0, high=1),
     'distill.temperature': Number(float, low=0, low_open=True),
     'early_stopping.patience': Number(int, low=1, optional=True, why='evaluations without improvement; None is off'),

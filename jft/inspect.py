@@ -65,8 +65,9 @@ def describe(config: ml_collections.ConfigDict, device_count: int | None = None)
   lines.append('')
   for stage, labels in zip(stages, flat, strict=True):
     trainable = sum(int(np.prod(shapes[p].shape)) for p, t in labels['trainable'].items() if t)
-    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels,
-                              pruning.prunable(params, prune.get('include'), prune.get('exclude')) if pruned else None)
+    pruning_options = dict(prunable=pruning.prunable(params, prune.get('include'), prune.get('exclude')),
+                           prune_criterion=prune.get('criterion', 'magnitude')) if pruned else {}
+    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, **pruning_options)
     opt_state = jax.eval_shape(tx.init, params)
     opt_bytes = tree_paths.tree_bytes(opt_state)
     param_bytes = tree_paths.tree_bytes(params)
@@ -81,7 +82,8 @@ def describe(config: ml_collections.ConfigDict, device_count: int | None = None)
   if pruned:
     count = sum(int(np.prod(shapes[p].shape)) for p, chosen in pruned.items() if chosen)
     lines.append(f'pruning: {count:,} prunable parameters ({count / total:.1%}) to sparsity {prune.sparsity} '
-                 f'({prune.schedule}, scope {prune.scope}, {prune.structure}): {int(count * prune.sparsity):,} '
+                 f'({prune.schedule}, scope {prune.scope}, {prune.structure}, criterion '
+                 f'{prune.get("criterion", "magnitude")}): {int(count * prune.sparsity):,} '
                  f'zeros at the end, {prune.sparsity * count / total:.1%} of all parameters')
   return '\n'.join(lines)
 

@@ -1,14 +1,14 @@
 """The optimizer: one optax transformation built from `config.optim`."""
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import optax
 
-from jft import pruning, rules, tree_paths
+from jft import prune_criteria, pruning, rules, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -17,23 +17,33 @@ FIRST_GROUP = 'stage_0'  # the optimizer group of parameters that train from the
 # Where a group's moments and count sit in the state of the per-group `optax.partition`; the freeze partition
 # (`inner_states/train/`), accumulated gradients and the schedule's count lie outside it.
 GROUP_STATE = re.compile(r'(^|/)inner_states/stage_\d+/')
+SCORE_STATE = re.compile(r'(^|/)score_(sums/|steps$)')  # prune_criteria.ScoreState
 
 
-def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine or linear decay to 0 (or constant)."""
+def _decay(optim: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+  if optim.schedule == 'cosine':
+    return optax.cosine_decay_schedule(optim.lr, steps)
+  if optim.schedule == 'linear':
+    return optax.linear_schedule(optim.lr, 0.0, steps)
+  return optax.constant_schedule(optim.lr)
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int, restarts: Sequence[int] = ()) -> optax.Schedule:
+  """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine or linear decay to 0 (or constant).
+
+  `restarts` (update counts, e.g. a pruning schedule's mask updates): learning-rate rewinding (GMP*). The run is cut
+  into cycles at those counts; the first is the schedule above over its own length, each later one the decay alone
+  from `lr` over its length, so the rate jumps back to `lr` at each restart.
+  """
   if optim.schedule not in SCHEDULES:
     raise UserError(f'unknown config.optim.schedule {optim.schedule!r}; use one of {SCHEDULES}')
-  warmup = min(optim.warmup_steps, total_steps)
-  decay_steps = max(total_steps - warmup, 1)
-  if optim.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(optim.lr, decay_steps)
-  elif optim.schedule == 'linear':
-    decay = optax.linear_schedule(optim.lr, 0.0, decay_steps)
-  else:
-    decay = optax.constant_schedule(optim.lr)
-  if warmup == 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+  bounds = sorted({count for count in restarts if 0 < count < total_steps}) + [total_steps]
+  warmup = min(optim.warmup_steps, bounds[0])
+  first = _decay(optim, max(bounds[0] - warmup, 1))
+  if warmup:
+    first = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), first], [warmup])
+  cycles = [_decay(optim, end - start) for start, end in zip(bounds, bounds[1:], strict=False)]
+  return optax.join_schedules([first] + cycles, bounds[:-1]) if cycles else first
 
 
 def lookup_by_path(table: dict[str, Any]) -> Callable[[PyTree], PyTree]:
@@ -52,8 +62,13 @@ def scale_by_mults(mults: Callable[[PyTree], PyTree]) -> optax.GradientTransform
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: rules.ParamLabels | None = None,
-                   prunable: PyTree | None = None) -> optax.GradientTransformation:
-  """[prune](freeze(accumulate(clip -> per-group AdamW or SGD with momentum -> schedule -> lr multipliers))).
+                   prunable: PyTree | None = None, prune_criterion: str = 'magnitude',
+                   lr_restarts: Sequence[int] = ()) -> optax.GradientTransformation:
+  """[prune]([scores] -> freeze(accumulate(clip -> per-group AdamW or SGD with momentum -> schedule -> lr
+  multipliers))).
+
+  With `prunable`, pruned weights stay zero (`pruning.masked_by`), and a criterion other than magnitude sums its
+  scores from the gradients (`prune_criteria.accumulate_scores`). `lr_restarts`: see `make_schedule`.
 
   Freezing is `optax.selective_transform`: frozen parameters get zero updates and no optimizer state, and the
   optimizer inside sees only the trainable ones (the others are `optax.MaskedNode` holes).
@@ -64,7 +79,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: r
   """
   if optim.lr <= 0:
     raise UserError(f'config.optim.lr must be positive, got {optim.lr}')
-  schedule = make_schedule(optim, total_steps)
+  schedule = make_schedule(optim, total_steps, lr_restarts)
   if labels is None:
     decay = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: any(re.fullmatch(p, tree_paths.path_str(path)) for p in rules.DEFAULT_DECAY), params)
@@ -97,6 +112,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: r
   if labels is not None:
     tx = optax.transforms.selective_transform(tx, freeze_mask=jax.tree.map(lambda t: not t, labels.trainable))
   if prunable is not None:
+    if prune_criteria.uses_gradients(prune_criterion):
+      tx = optax.chain(prune_criteria.accumulate_scores(prune_criterion, prunable), tx)
     tx = pruning.masked_by(tx, prunable)
   return tx
 
@@ -108,7 +125,7 @@ def carry_over(old_opt_state: optax.OptState, new_opt_state: optax.OptState) -> 
 
   def carry(path, leaf):
     name = tree_paths.path_str(path)
-    carried = GROUP_STATE.search(name) or name.startswith('masks/')
+    carried = GROUP_STATE.search(name) or name.startswith('masks/') or SCORE_STATE.search(name)
     kept = carried and name in old and old[name].shape == leaf.shape
     return old[name] if kept else leaf
 

@@ -1,11 +1,12 @@
-"""Magnitude pruning: which weights, how sparse when (schedules), the masks, and the optax transformation that keeps
-pruned weights at exactly zero.
+"""Pruning: which weights, how sparse when (schedules), the masks, and the optax transformation that keeps pruned
+weights at exactly zero. Weights are ranked by magnitude, or by the scores of another criterion
+(jft/prune_criteria.py: movement, saliency, fisher) passed to `compute_masks`.
 
 Masks are a tree shaped like the params: a bool array (True = kept) for each prunable parameter, None for the others.
 They live in the optimizer state (`PruneState`), so they are sharded, checkpointed and restored with it. The train
 loop recomputes them only on the steps where `is_update_step` says so:
 
-  masks = compute_masks(params, prunable_tree, sparsity_at(step, ...), scope, structure)
+  masks = compute_masks(params, prunable_tree, sparsity_at(step, ...), scope, structure[, scores])
   params, opt_state = apply_masks(params, masks), with_new_masks(opt_state, masks)
 
 and every step runs the optimizer wrapped in `masked_by`, whose zero updates keep the pruned weights at 0.
@@ -71,7 +72,8 @@ def _check_sparsity(sparsity: float) -> None:
     raise UserError(f'config.prune.sparsity is {sparsity}: make it a fraction in [0, 1), e.g. 0.8')
 
 
-def _check_schedule(schedule: str, start_step: int, end_step: int, every: int, cycles: int) -> None:
+def _check_schedule(schedule: str, start_step: int, end_step: int, every: int, cycles: int,
+                    initial: float = 0.0) -> None:
   if schedule not in SCHEDULES:
     raise UserError(f'unknown config.prune.schedule {schedule!r}; use one of {SCHEDULES}')
   if start_step < 0 or (schedule != 'oneshot' and end_step < start_step):
@@ -81,47 +83,63 @@ def _check_schedule(schedule: str, start_step: int, end_step: int, every: int, c
   if schedule == 'iterative' and not 1 <= cycles <= max(end_step - start_step, 1):
     raise UserError(f'config.prune.cycles is {cycles}: make it between 1 and end_step - start_step '
                     f'({end_step - start_step}), so that each cycle has a step')
+  if initial and schedule != 'gradual':
+    raise UserError(f"config.prune.initial_sparsity is {initial}, but only the 'gradual' schedule starts from an "
+                    f"initial sparsity: set it to 0 or the schedule to 'gradual', not {schedule!r}")
 
 
-def _last_update(step: int, schedule: str, start_step: int, end_step: int, every: int,
-                 cycles: int) -> tuple[int, float] | None:
-  """(the latest mask update at or before `step`, the fraction of the target from it on); None before the first."""
+def _last_update(step: int, target: float, schedule: str, start_step: int, end_step: int, every: int, cycles: int,
+                 initial: float) -> tuple[int, float] | None:
+  """(the latest mask update at or before `step`, the sparsity it prunes to); None before the first."""
   if step < start_step:
     return None
   if schedule == 'oneshot':
-    return start_step, 1.0
+    return start_step, target
   if schedule == 'gradual':
     if step >= end_step:
-      return end_step, 1.0
+      return end_step, target
     last = start_step + (step - start_step) // every * every
-    return last, 1 - (1 - (last - start_step) / (end_step - start_step)) ** 3
+    return last, target + (initial - target) * (1 - (last - start_step) / (end_step - start_step)) ** 3
   jumps = [start_step + k * (end_step - start_step) // cycles for k in range(cycles)]
   k = bisect.bisect_right(jumps, step) - 1
-  return jumps[k], (k + 1) / cycles
+  return jumps[k], target * (k + 1) / cycles
 
 
 def sparsity_at(step: int, target: float, schedule: str, start_step: int, end_step: int, every: int = 1,
-                cycles: int = 1) -> float:
+                cycles: int = 1, initial: float = 0.0) -> float:
   """The sparsity of the masks at `step`: 0 before `start_step`, then the schedule's value at the latest update.
 
-  'oneshot': `target` from `start_step` on. 'gradual' (Zhu & Gupta 2017): target * (1 - (1 - (t - start_step) /
-  (end_step - start_step)) ** 3) at t = start_step, start_step + every, ... (0 at start_step), and `target` from
-  `end_step` on. 'iterative': `cycles` equal prune-then-fine-tune cycles; cycle k = 0, ..., cycles - 1 starts at
-  start_step + floor(k * (end_step - start_step) / cycles) by pruning to (k + 1) / cycles of `target`.
+  'oneshot': `target` from `start_step` on. 'gradual' (Zhu & Gupta 2017): target + (initial - target) * (1 - (t -
+  start_step) / (end_step - start_step)) ** 3 at t = start_step, start_step + every, ... (`initial` at start_step:
+  0 by default, or GMP*'s large first step), and `target` from `end_step` on. 'iterative': `cycles` equal
+  prune-then-fine-tune cycles; cycle k = 0, ..., cycles - 1 starts at start_step + floor(k * (end_step -
+  start_step) / cycles) by pruning to (k + 1) / cycles of `target`.
   """
   _check_sparsity(target)
-  _check_schedule(schedule, start_step, end_step, every, cycles)
-  last = _last_update(step, schedule, start_step, end_step, every, cycles)
-  return 0.0 if last is None else target * last[1]
+  _check_sparsity(initial)
+  _check_schedule(schedule, start_step, end_step, every, cycles, initial)
+  last = _last_update(step, target, schedule, start_step, end_step, every, cycles, initial)
+  return 0.0 if last is None else last[1]
 
 
 def is_update_step(step: int, schedule: str, start_step: int, end_step: int, every: int = 1,
-                   cycles: int = 1) -> bool:
+                   cycles: int = 1, initial: float = 0.0) -> bool:
   """Whether the masks are recomputed at `step`: oneshot at `start_step`; gradual at `start_step`,
   `start_step + every`, ... before `end_step`, and at `end_step`; iterative at the start of each cycle."""
-  _check_schedule(schedule, start_step, end_step, every, cycles)
-  last = _last_update(step, schedule, start_step, end_step, every, cycles)
+  _check_schedule(schedule, start_step, end_step, every, cycles, initial)
+  last = _last_update(step, 0.0, schedule, start_step, end_step, every, cycles, initial)
   return last is not None and last[0] == step
+
+
+def update_steps(schedule: str, start_step: int, end_step: int, every: int = 1, cycles: int = 1,
+                 initial: float = 0.0) -> list[int]:
+  """Every step at which the masks are recomputed, in order (see `is_update_step`)."""
+  _check_schedule(schedule, start_step, end_step, every, cycles, initial)
+  if schedule == 'oneshot':
+    return [start_step]
+  if schedule == 'gradual':
+    return sorted(set(range(start_step, end_step, every)) | {end_step})
+  return sorted({start_step + k * (end_step - start_step) // cycles for k in range(cycles)})
 
 
 def _n_m(structure: str) -> tuple[int, int] | None:
@@ -151,9 +169,12 @@ def _check_method(sparsity: float, scope: str, structure: str) -> tuple[int, int
 
 
 def check_settings(sparsity: float, schedule: str, scope: str, structure: str, start_step: int, end_step: int,
-                   every: int = 1, cycles: int = 1) -> None:
+                   every: int = 1, cycles: int = 1, initial: float = 0.0) -> None:
   """Raises a UserError for any bad or unsupported pruning setting; call it once before training."""
-  _check_schedule(schedule, start_step, end_step, every, cycles)
+  _check_schedule(schedule, start_step, end_step, every, cycles, initial)
+  if initial > sparsity:
+    raise UserError(f'config.prune.initial_sparsity {initial} is above config.prune.sparsity {sparsity}: the '
+                    'schedule prunes from the initial sparsity up to the target, so make it at most the target')
   if _check_method(sparsity, scope, structure) and schedule != 'oneshot':
     raise UserError(f"config.prune.structure {structure!r} fixes the sparsity, so it prunes in one shot: set "
                     f"config.prune.schedule to 'oneshot', not {schedule!r}")
@@ -191,26 +212,34 @@ def _pruned_counts(shapes: Sequence[tuple[int, ...]], sparsity: float, scope: st
   return np.floor(fractions * units * (1 + 1e-12)).astype(np.int32)
 
 
+def _order_keys(scores: jax.Array) -> jax.Array:
+  """uint32 keys that order as the float32 `scores` do, negative ones and -inf included (NaN excluded)."""
+  bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32) + 0.0, jnp.uint32)  # + 0.0: -0.0 becomes 0.0
+  negative = (bits >> 31).astype(bool)
+  return jnp.where(negative, ~bits, bits | jnp.uint32(2**31))
+
+
 def _keep(scores: jax.Array, count: jax.Array) -> jax.Array:
   """False for the `count` lowest scores (of equal ones, the lower index first), True for the others."""
-  # The count-th lowest score by bisection over its bits (scores are >= 0, so the bits order as the floats do):
-  # 31 passes of counting instead of a sort, which takes seconds on CPU for millions of weights.
-  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
+  # The count-th lowest score by bisection over the bits of its order key: 32 passes of counting instead of a
+  # sort, which takes seconds on CPU for millions of weights.
+  keys = _order_keys(scores)
 
   def halve(_, bounds):
     low, high = bounds
     mid = low + (high - low) // 2
-    enough = jnp.sum(bits <= mid) >= count
+    enough = jnp.sum(keys <= mid) >= count
     return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
 
-  threshold, _ = jax.lax.fori_loop(0, 31, halve, (jnp.int32(0), jnp.int32(2**31 - 1)))
-  below, ties = bits < threshold, bits == threshold
+  threshold, _ = jax.lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(2**32 - 1)))
+  below, ties = keys < threshold, keys == threshold
   return ~(below | (ties & (jnp.cumsum(ties) <= count - jnp.sum(below))))
 
 
-def _n_m_keep(kernel: jax.Array, n: int, m: int) -> jax.Array:
-  """True for the `n` largest magnitudes of each group of `m` consecutive weights along the input axis (-2)."""
-  x = jnp.moveaxis(jnp.abs(kernel), -2, -1)
+def _n_m_keep(scores: jax.Array, n: int, m: int) -> jax.Array:
+  """True for the `n` highest scores (kernel-shaped) of each group of `m` consecutive weights along the input axis
+  (-2)."""
+  x = jnp.moveaxis(scores, -2, -1)
   groups = x.reshape(*x.shape[:-1], x.shape[-1] // m, m, 1)
   others = jnp.swapaxes(groups, -1, -2)
   # A weight's rank in its group: the weights below it, and the equal ones before it (faster than argsort on CPU).
@@ -218,37 +247,50 @@ def _n_m_keep(kernel: jax.Array, n: int, m: int) -> jax.Array:
   return jnp.moveaxis((rank >= m - n).reshape(x.shape), -1, -2)
 
 
-def _scores(kernel: jax.Array, structure: str) -> jax.Array:
-  """One score per unit: |w| per weight, or the root-mean-square of each output channel."""
-  kernel = kernel.astype(jnp.float32)
+def _unit_scores(kernel: jax.Array, structure: str, scores: jax.Array | None) -> jax.Array:
+  """One score per unit (weight or output channel). Magnitude (`scores` None): |w| per weight, or the
+  root-mean-square of each output channel. Given per-weight `scores` (estimates of the loss change, see
+  jft/prune_criteria.py): those, or their sum over each output channel."""
+  if scores is None:
+    kernel = kernel.astype(jnp.float32)
+    if structure == 'channel':
+      return jnp.sqrt(jnp.mean(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1))))
+    return jnp.abs(kernel).ravel()
   if structure == 'channel':
-    return jnp.sqrt(jnp.mean(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1))))
-  return jnp.abs(kernel).ravel()
+    return jnp.sum(scores, axis=tuple(range(scores.ndim - 1)))
+  return scores.ravel()
 
 
 @functools.partial(jax.jit, static_argnames=('selected', 'scope', 'structure'))
-def _masks(params: PyTree, counts: jax.Array, selected: tuple[bool, ...], scope: str, structure: str) -> PyTree:
+def _masks(params: PyTree, scores: PyTree, counts: jax.Array, selected: tuple[bool, ...], scope: str,
+           structure: str) -> PyTree:
   """The masks of `compute_masks`, given the pruned counts of `_pruned_counts`."""
   leaves, treedef = jax.tree.flatten(params)
   kernels = [leaf for leaf, chosen in zip(leaves, selected, strict=True) if chosen]
+  chosen_scores = ([None] * len(kernels) if scores is None else
+                   [s for s, chosen in zip(treedef.flatten_up_to(scores), selected, strict=True) if chosen])
   n_m = _n_m(structure)
   if n_m:
-    kept = [_n_m_keep(kernel, *n_m) for kernel in kernels]
+    kept = [_n_m_keep(jnp.abs(kernel) if s is None else s, *n_m)
+            for kernel, s in zip(kernels, chosen_scores, strict=True)]
   else:
-    scores = [_scores(kernel, structure) for kernel in kernels]
+    units = [_unit_scores(kernel, structure, s) for kernel, s in zip(kernels, chosen_scores, strict=True)]
     if scope == 'global':
-      kept_units = jnp.split(_keep(jnp.concatenate(scores), counts[0]), np.cumsum([s.size for s in scores])[:-1])
+      kept_units = jnp.split(_keep(jnp.concatenate(units), counts[0]), np.cumsum([u.size for u in units])[:-1])
     else:
-      kept_units = [_keep(s, count) for s, count in zip(scores, counts, strict=True)]
+      kept_units = [_keep(u, count) for u, count in zip(units, counts, strict=True)]
     expand = jnp.broadcast_to if structure == 'channel' else jnp.reshape
-    kept = [expand(units, kernel.shape) for units, kernel in zip(kept_units, kernels, strict=True)]
+    kept = [expand(k, kernel.shape) for k, kernel in zip(kept_units, kernels, strict=True)]
   kept = iter(kept)
   return jax.tree.unflatten(treedef, [next(kept) if chosen else None for chosen in selected])
 
 
 def compute_masks(params: PyTree, prunable_tree: PyTree, sparsity: float, scope: str = 'layer',
-                  structure: str = 'unstructured') -> PyTree:
-  """Magnitude masks (True = kept) for the prunable parameters, None for the others (see the module doc).
+                  structure: str = 'unstructured', scores: PyTree = None) -> PyTree:
+  """Masks (True = kept) for the prunable parameters, None for the others (see the module doc).
+
+  `scores`: None ranks by magnitude; else a tree shaped like `params` holding a float32 score per weight of each
+  prunable parameter (higher = kept first; None for the others), e.g. from `jft.prune_criteria.scores`.
 
   `sparsity` is a Python number: the counts are worked out exactly on the host and passed to one jitted
   computation per tree, scope and structure, which any sparsity reuses. Inside a jit, `params` may be traced.
@@ -267,7 +309,7 @@ def compute_masks(params: PyTree, prunable_tree: PyTree, sparsity: float, scope:
                       f'but {path} of shape {shape} has {shape[-2]} inputs, not a multiple of {n_m[1]}: leave it '
                       'out with config.prune.exclude')
   counts = _pruned_counts(list(shapes.values()), sparsity, scope, structure)
-  return _masks(params, jnp.asarray(counts), selected=selected, scope=scope, structure=structure)
+  return _masks(params, scores, jnp.asarray(counts), selected=selected, scope=scope, structure=structure)
 
 
 def apply_masks(tree: PyTree, masks: PyTree) -> PyTree:

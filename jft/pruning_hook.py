@@ -1,9 +1,10 @@
 """The pruning schedule in the train loop: new masks on the schedule's steps, and the sparsity report.
 
 A `Hook` (jft/hooks.py) around `jft.pruning`: before each step where `pruning.is_update_step` says so, the
-masks are recomputed from the current weights at the schedule's sparsity, the pruned weights zeroed and the
-masks put into the optimizer state, in one jitted update from the state's shardings to the same, the old state
-donated. Never inside the train step: the step only keeps pruned weights at zero.
+masks are recomputed at the schedule's sparsity from the current weights (or the scores of the criterion,
+jft/prune_criteria.py), the pruned weights zeroed, the masks put into the optimizer state and the scores reset,
+in one jitted update from the state's shardings to the same, the old state donated. Never inside the train step:
+the step only keeps pruned weights at zero.
 """
 
 from collections.abc import Callable
@@ -11,25 +12,30 @@ from typing import Any
 
 import jax
 
-from jft import hooks, pruning, rules, sharding
+from jft import hooks, prune_criteria, pruning, rules, sharding
 
 PyTree = Any
 
 
 def _set_masks(state, masks):
-  return state.replace(params=pruning.apply_masks(state.params, masks),
-                       opt_state=pruning.with_new_masks(state.opt_state, masks))
+  opt_state = prune_criteria.reset(pruning.with_new_masks(state.opt_state, masks))
+  return state.replace(params=pruning.apply_masks(state.params, masks), opt_state=opt_state)
 
 
 class MaskSchedule(hooks.Hook):
   """Prunes the `prunable` parameters (a bool tree) to `sparsity` per `schedule` from `start_step` to `end_step`."""
 
   def __init__(self, prunable: PyTree, sparsity: float, scope: str, structure: str, schedule: str, start_step: int,
-               end_step: int, every: int = 1, cycles: int = 1, ranked: Callable[[PyTree], PyTree] | None = None):
-    """`ranked(params)`: the weights to rank, shaped like `params` (e.g. LoRA's merged kernels); None: `params`."""
+               end_step: int, every: int = 1, cycles: int = 1, initial: float = 0.0, criterion: str = 'magnitude',
+               rewind_lr: bool = False, ranked: Callable[[PyTree], PyTree] | None = None):
+    """`criterion`: see jft/prune_criteria.py. `rewind_lr`: the learning rate goes back to its peak at each mask
+    update (`optim.make_schedule`'s restarts). Both reach the optimizer through `optimizer_options`.
+    `ranked(params)`: the weights to rank by magnitude, shaped like `params` (e.g. LoRA's merged kernels); None:
+    `params`."""
     self.prunable, self.sparsity, self.scope, self.structure = prunable, sparsity, scope, structure
-    self.ranked = ranked
-    self.schedule = dict(schedule=schedule, start_step=start_step, end_step=end_step, every=every, cycles=cycles)
+    self.criterion, self.rewind_lr, self.ranked = criterion, rewind_lr, ranked
+    self.schedule = dict(schedule=schedule, start_step=start_step, end_step=end_step, every=every, cycles=cycles,
+                         initial=initial)
     self._updates = {}
 
   def _update(self, state):
@@ -52,13 +58,25 @@ class MaskSchedule(hooks.Hook):
     # Ranking weights split over devices is slow in XLA (on 8 CPU devices, FSDP-split MiniLM-sized kernels took
     # 46 s against 0.3 s gathered): rank a gathered copy of the prunable weights, a transient cost on the
     # schedule's steps only.
+    gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(self._mesh(state)))
     prunable_params, others = rules.split_trainable(state.params, self.prunable)
-    gathered = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(self._mesh(state)))(prunable_params)
-    params = rules.merge_trainable(gathered, others)
-    if self.ranked is not None:
+    params = rules.merge_trainable(gather(prunable_params), others)
+    scores = None
+    if prune_criteria.uses_gradients(self.criterion):
+      sums = gather(prune_criteria.score_state_of(state.opt_state))
+      scores = prune_criteria.scores(self.criterion, params, sums, pruning.masks_of(state.opt_state))
+    elif self.ranked is not None:
       params = self.ranked(params)
-    masks = pruning.compute_masks(params, self.prunable, target, self.scope, self.structure)
+    masks = pruning.compute_masks(params, self.prunable, target, self.scope, self.structure, scores)
     return self._update(state)(state, masks)
+
+  def optimizer_options(self, first_step: int, last_step: int, accumulate_steps: int = 1) -> dict[str, Any]:
+    """The keyword arguments of `optim.make_optimizer` for the stage of steps `first_step`..`last_step`: the
+    prunable tree, the criterion, and with `rewind_lr` the update counts at which the rate restarts."""
+    updates = pruning.update_steps(**{k: v for k, v in self.schedule.items()})
+    restarts = [(step - first_step) // accumulate_steps for step in updates if first_step <= step <= last_step]
+    return dict(prunable=self.prunable, prune_criterion=self.criterion,
+                lr_restarts=restarts if self.rewind_lr else ())
 
   def at_target(self, step: int) -> bool:
     """Whether the state after step `step` is pruned to the final sparsity (only such a state can be the run's

@@ -67,19 +67,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract_params = jax.eval_shape(model.init_variables, init_rng)[0]
   param_specs = components.param_specs(config, abstract_params, mesh)
   stages = stages_lib.plan(config, abstract_params)
-  pruner = components.build_pruner(config, abstract_params)
+  pruner = components.build_pruner(config, abstract_params, stages)
   teacher = components.build_teacher_hook(config, model, mesh, workdir)
   hooks = [hook for hook in (pruner, teacher) if hook is not None]
   loss_fn = step_lib.cross_entropy_loss
   if teacher is not None:
     loss_fn = distill.make_loss(config.distill.weight, config.distill.temperature)
-  prunable = pruner.prunable if pruner else None
 
   make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, train_rng)
   abstract_state = lambda tx: jax.eval_shape(lambda rng: make_state(*model.init_variables(rng), tx), init_rng)
 
   def compile_stage(stage: stages_lib.Stage) -> stages_lib.CompiledStage:
-    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, prunable)
+    pruning_options = pruner.optimizer_options(stage.first_step, stage.last_step,
+                                               stage.optim.get('accumulate_steps', 1)) if pruner else {}
+    tx = optim.make_optimizer(stage.optim, stage.steps, stage.labels, **pruning_options)
     state_sharding = sharding.state_sharding(mesh, abstract_state(tx), param_specs)
     if backend == 'pmap':
       train_step = step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn, pmap_backend.AXIS)

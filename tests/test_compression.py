@@ -75,14 +75,25 @@ def test_export_is_compressed_and_loads_bit_identical(pruned_run, tmp_path):
     assert loaded[path].dtype == value.dtype and loaded[path].tobytes() == value.tobytes(), path
 
 
-def test_pruned_run_killed_and_resumed_ends_bit_identical(tmp_path, data_dir):
+# GMP* with a gradient criterion: a large first step (50% at step 5), cubic to 80% by step 30, the learning rate
+# rewound at each mask update, movement scores summed in the optimizer state between updates.
+GMP_MOVEMENT = ['--config.prune.sparsity=0.8', '--config.prune.start_step=5', '--config.prune.end_step=30',
+                '--config.prune.every=5', '--config.prune.initial_sparsity=0.5', '--config.prune.rewind_lr=True',
+                '--config.prune.criterion=movement']
+
+
+@pytest.mark.parametrize('prune', [PRUNE, GMP_MOVEMENT], ids=['magnitude', 'gmp-movement'])
+def test_pruned_run_killed_and_resumed_ends_bit_identical(tmp_path, data_dir, prune):
   out = subprocess.run(
       [sys.executable, os.path.join(TOOLS, 'kill_resume.py'), sys.executable, 'configs/fashion_cnn.py:quick',
-       str(tmp_path), f'--config.data.data_dir={data_dir}', *PRUNE],
+       str(tmp_path), f'--config.data.data_dir={data_dir}', *prune],
       capture_output=True, text=True, timeout=900, cwd=ROOT)
   verdict = json.loads(out.stdout.strip().splitlines()[-1])
   assert verdict['identical'], verdict
   assert 0 < verdict['killed_after_step'] < 40
+  for path, (_shape, zeros, size) in checkpoint_facts(str(tmp_path / 'uninterrupted'))['paths'].items():
+    if path.endswith('kernel') and not path.startswith('head/'):
+      assert zeros == int(0.8 * size), (path, zeros, size)
 
 
 def test_masks_survive_a_checkpoint_round_trip(tmp_path):
