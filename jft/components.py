@@ -21,6 +21,7 @@ from jft import (
   prune_criteria,
   pruning,
   pruning_hook,
+  quantize,
   sharding,
   teacher_hook,
   tree_paths,
@@ -38,7 +39,8 @@ PyTree = Any
 class Model:
   """The configured module, its class count, `init_variables(rng) -> (params, model_state)`, one example's
   model inputs (what the shapes come from) and the apply function the train and eval steps call. With
-  `config.lora` the params hold adapters and `apply_fn` merges them (jft/lora.py)."""
+  `config.lora` the params hold adapters and `apply_fn` merges them (jft/lora.py); with `config.quantize.mode`
+  'qat' it computes with int8 weights (jft/quantize.py)."""
 
   module: nn.Module
   num_classes: int
@@ -57,6 +59,10 @@ def build_model(config: ml_collections.ConfigDict, process_index: int = 0, proce
   example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
   init_variables = lambda rng: split_variables(module.init(rng, **example_inputs, train=False))
   apply_fn = linen_apply_fn(module)
+  quantized = quantize.settings(config)
+  if quantized is not None:  # inside LoRA's wrapper: the merged weights are quantized
+    quantize.target_paths(jax.eval_shape(init_variables, jax.random.PRNGKey(0))[0], quantized)
+    apply_fn = quantize.wrap_apply_fn(apply_fn, quantized)
   adapters = lora.settings(config)
   if adapters is not None:
     init_variables = lora.with_adapters(init_variables, adapters)
