@@ -9,6 +9,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, 'experiments', 'runs')
 RESULTS = os.path.join(ROOT, 'experiments', 'results')
+# Config fields added since some saved runs were made, with the value that does what those runs did (the loop
+# reads a missing one as this too): a saved run without the field matches a config that has this value.
+ADDED_FIELDS = {'prune.criterion': 'magnitude', 'prune.initial_sparsity': 0.0, 'prune.rewind_lr': False,
+                'quantize.mode': 'none', 'quantize.targets': None}
 
 
 def read_metrics(name: str) -> list[dict]:
@@ -30,6 +34,30 @@ def run_jft(name: str, config: str, *overrides: str) -> dict:
   print('$', ' '.join(command), flush=True)
   subprocess.run(command, cwd=ROOT, check=True)
   return run_jft(name, config, *overrides)
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  return {path: leaf for key, value in tree.items()
+          for path, leaf in (_flat(value, f'{prefix}{key}.').items() if isinstance(value, dict)
+                             else [(f'{prefix}{key}', value)])}
+
+
+def check_reused(name: str, config) -> None:
+  """A finished run is reused only if it was run with this config (seed, steps, rules: the whole of it, but where
+  the data lives and fields added since with the value that does what the run did: `ADDED_FIELDS`)."""
+  path = os.path.join(RUNS, name, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flat(json.load(f))
+  wanted = _flat(json.loads(config.to_json()))
+  saved.pop('data.data_dir', None), wanted.pop('data.data_dir', None)
+  for field, value in ADDED_FIELDS.items():
+    if field not in saved and wanted.get(field, value) == value:
+      wanted.pop(field, None)
+  differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k, KeyError) != wanted.get(k, KeyError))
+  if differ:
+    raise SystemExit(f'{path} was run with another config (fields {differ} differ): move the run away')
 
 
 def load_config(spec: str):

@@ -11,7 +11,6 @@ of 32 x 64 tokens. Writes experiments/results/peft.md and peft.png.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, RUNS, load_config, read_metrics, run_jft  # noqa: E402
+from common import RESULTS, check_reused, load_config, read_metrics, run_jft  # noqa: E402
 from freezing import footprint  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
@@ -58,20 +57,6 @@ def apply_overrides(config, overrides):
       node = node[name]
     node[leaf] = type(node[leaf])(value) if node[leaf] is not None else int(value)
   return config
-
-
-def check_reused(name: str, config) -> None:
-  """A finished run is reused only if it was run with this config (seed, steps, rules: the whole of it)."""
-  path = os.path.join(RUNS, name, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    wanted = json.loads(config.to_json())
-    for key in ('data',):  # where the data lives is not part of the experiment
-      saved.get(key, {}).pop('data_dir', None), wanted.get(key, {}).pop('data_dir', None)
-    if saved != wanted:
-      differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-      raise SystemExit(f'{path} was run with another config (fields {differ} differ): move the run away')
 
 
 def step_times(labels, batch_size: int = 32, length: int = 64, steps: int = 6) -> dict[str, float]:

@@ -1,5 +1,7 @@
 """Classification metrics: on-device sums per batch (masked), finished on the host from the totals."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +40,20 @@ def summarize(loss_sum: float, count: float, confusion: np.ndarray) -> dict[str,
       'count': int(count),
       'confusion_matrix': confusion.astype(np.int64).tolist(),
   }
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
+  """The exact McNemar test of two models on the same examples (bools: each example right or not).
+
+  Only the discordant examples count: `a_only` right for A alone, `b_only` for B alone. Under the hypothesis that
+  both models are equally accurate, a_only ~ Binomial(a_only + b_only, 1/2); `p_value` is the two-sided exact
+  probability (doubled smaller tail, at most 1). `difference`: A's accuracy minus B's.
+  """
+  correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+  if correct_a.shape != correct_b.shape:
+    raise ValueError(f'the two models were scored on different examples ({correct_a.shape} vs {correct_b.shape})')
+  a_only, b_only = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
+  n = a_only + b_only
+  tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n
+  return {'a_only': a_only, 'b_only': b_only, 'p_value': min(1.0, 2 * tail),
+          'difference': float(np.mean(correct_a) - np.mean(correct_b)) if correct_a.size else 0.0}

@@ -131,10 +131,11 @@ class EvalState(NamedTuple):
 
 def evaluate_run(workdir: str, step: int | None = None, split: str | None = None,
                  targets: Sequence[str] | None = None) -> dict[str, Any]:
-  """{'float32': metrics, 'int8': metrics, ...} of a run's checkpoint on `split` (default: the test split): its
-  float32 weights (a QAT run's masters), and those with the `targets` (default: the run's, or every kernel and
-  embedding) quantized. `step` None: the step the run's test line tested, else its latest."""
-  from jft import components, data, lora, sharding  # here: jft.components imports this module
+  """{'float32': metrics, 'int8': metrics, 'mcnemar_int8_vs_float32': the paired test, ...} of a run's checkpoint
+  on `split` (default: the test split): its float32 weights (a QAT run's masters), and those with the `targets`
+  (default: the run's, or every kernel and embedding) quantized. `step` None: the step the run's test line
+  tested, else its latest."""
+  from jft import components, data, lora, metrics, sharding  # here: jft.components imports this module
   from jft import init as init_lib
   from jft import step as step_lib
 
@@ -155,11 +156,13 @@ def evaluate_run(workdir: str, step: int | None = None, split: str | None = None
   mesh = sharding.make_mesh(shape=config.get('mesh'))
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model.apply_fn, model.num_classes), mesh)
   split = split or config.data.test_split
-  results = {'step': run.step, 'split': split, 'targets': list(targets)}
+  results, correct = {'step': run.step, 'split': split, 'targets': list(targets)}, {}
   for name, weights in (('float32', params), ('int8', fake_quantize_params(params, targets))):
     state = EvalState(weights, jax.tree.map(jnp.asarray, run.model_state or {}), jax.random.PRNGKey(0))
     batches = data.eval_batches(config.data, split, config.batch_size)
-    results[name] = step_lib.evaluate(eval_step, state, batches, mesh)
+    results[name], predictions = step_lib.evaluate(eval_step, state, batches, mesh, keep_predictions=True)
+    correct[name] = predictions['prediction'] == predictions['label']
+  results['mcnemar_int8_vs_float32'] = metrics.mcnemar(correct['int8'], correct['float32'])
   return results
 
 
@@ -198,7 +201,10 @@ def main() -> None:
   for name in ('float32', 'int8'):
     print(f"{name:<8} {results['split']} accuracy {results[name]['accuracy']:.4f} "
           f"macro-F1 {results[name]['macro_f1']:.4f} loss {results[name]['loss']:.4f}")
-  print(json.dumps({k: results[k] for k in ('step', 'split')} | {
+  test = results['mcnemar_int8_vs_float32']
+  print(f"int8 - float32: {test['difference']:+.4f} (right only with int8: {test['a_only']}, only with float32: "
+        f"{test['b_only']}; McNemar exact p = {test['p_value']:.3g})")
+  print(json.dumps({k: results[k] for k in ('step', 'split', 'mcnemar_int8_vs_float32')} | {
       name: {m: results[name][m] for m in ('accuracy', 'macro_f1', 'loss')} for name in ('float32', 'int8')}))
 
 

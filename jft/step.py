@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -15,7 +16,8 @@ from jft.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-NOT_INPUTS = ('label', 'mask', 'teacher_logits')
+NOT_INPUTS = ('label', 'mask', 'index', 'teacher_logits')
+EXAMPLES = 'examples'  # the per-example part of an eval step's output
 LossFn = Callable[[jax.Array, Batch], jax.Array]
 
 
@@ -25,7 +27,8 @@ def cross_entropy_loss(logits: jax.Array, batch: Batch) -> jax.Array:
 
 
 def model_inputs(batch: Batch) -> Batch:
-  """The batch features the model takes as keyword arguments: everything but labels, eval mask and targets."""
+  """The batch features the model takes as keyword arguments: everything but labels, eval mask and index, and
+  targets."""
   return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
 
 
@@ -87,11 +90,16 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainab
 
 
 def make_eval_step(apply_fn: ApplyFn, num_classes: int) -> Callable[[TrainState, Batch], Metrics]:
-  """`eval_step(state, batch) -> sums` (loss sum, count, confusion matrix) over the batch's unmasked examples."""
+  """`eval_step(state, batch) -> sums` (loss sum, count, confusion matrix) over the batch's unmasked examples, and
+  under `EXAMPLES` each example's predicted class, label, mask (and `index` in its split, where the batch has it)."""
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
     logits, _ = apply_fn(state.params, state.model_state, model_inputs(batch), False, state.rng)
-    return metrics_lib.batch_sums(logits, batch['label'], batch['mask'], num_classes)
+    sums = metrics_lib.batch_sums(logits, batch['label'], batch['mask'], num_classes)
+    examples = {'prediction': jnp.argmax(logits, axis=-1), 'label': batch['label'], 'mask': batch['mask']}
+    if 'index' in batch:
+      examples['index'] = batch['index']
+    return {**sums, EXAMPLES: examples}
 
   return eval_step
 
@@ -133,11 +141,28 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh,
 
 
 def evaluate(eval_step: Callable[[TrainState, Batch], Metrics], state: TrainState, batches: Any,
-             mesh: Mesh) -> dict[str, float]:
-  """Metrics over every example of `batches` (numpy dicts with a `mask`), summed on device, finished on host."""
-  totals = None
+             mesh: Mesh, keep_predictions: bool = False) -> dict[str, float] | tuple[dict[str, float], dict]:
+  """Metrics over every example of `batches` (numpy dicts with a `mask`), summed on device, finished on host.
+
+  `keep_predictions`: also {'index', 'label', 'prediction'} (numpy, padding dropped, in index order) for paired
+  comparisons of two models on the same examples (`metrics.mcnemar`); the batches must carry an `index`.
+  """
+  totals, kept = None, []
   for local_batch in batches:
     sums = eval_step(state, sharding.put_batch(local_batch, mesh))
+    examples = sums.pop(EXAMPLES)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if keep_predictions:
+      kept.append(examples)
   totals = jax.device_get(totals)
-  return metrics_lib.summarize(totals['loss_sum'], totals['count'], totals['confusion'])
+  metrics = metrics_lib.summarize(totals['loss_sum'], totals['count'], totals['confusion'])
+  if not keep_predictions:
+    return metrics
+  kept = jax.device_get(kept)
+  if kept and 'index' not in kept[0]:
+    raise ValueError('keep_predictions needs batches with an `index` (data.eval_batches gives one)')
+  mask = np.concatenate([k['mask'] for k in kept]) if kept else np.zeros(0, bool)
+  columns = {name: np.concatenate([k[name] for k in kept])[mask] if kept else np.zeros(0, np.int32)
+             for name in ('index', 'label', 'prediction')}
+  order = np.argsort(columns['index'], kind='stable')
+  return metrics, {name: column[order] for name, column in columns.items()}

@@ -39,6 +39,8 @@ from jft.errors import UserError
 from jft.metric_writer import MetricWriter
 from jft.state import TrainState, create_train_state
 
+PREDICTIONS = 'test_predictions.json'  # in the work directory: the tested checkpoint's prediction per test example
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        preempted: preemption.PreemptionWatch | None = None) -> dict[str, float]:
@@ -135,12 +137,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_step = step_lib.make_eval_step(apply_fn, model.num_classes)
   compiled_eval_steps = {}
 
-  def evaluate(split: str, state) -> dict[str, float]:
+  def evaluate(split: str, state, keep_predictions: bool = False):
     key = jax.tree.structure(state)  # compiled per layout of the state: a stage boundary changes it
     if key not in compiled_eval_steps:
       compiled_eval_steps[key] = step_lib.jit_eval_step(eval_step, mesh, jax.tree.map(lambda x: x.sharding, state))
     batches = data.eval_batches(config.data, split, config.batch_size, **process)
-    return step_lib.evaluate(compiled_eval_steps[key], state, batches, mesh)
+    return step_lib.evaluate(compiled_eval_steps[key], state, batches, mesh, keep_predictions)
 
   # The loop: next batch -> on the mesh -> hooks -> step -> log / evaluate / save.
   log = metric_writer.TrainLog()
@@ -216,7 +218,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     tested_step = best.step if best.step in checkpoints.all_steps() else checkpoints.best_step() or tested_step
   if tested_step != int(state.step):
     tested, _ = restore(tested_step)[1]
-  test = evaluate(config.data.test_split, tested)
+  test, predictions = evaluate(config.data.test_split, tested, keep_predictions=True)
+  if jax.process_index() == 0:  # each test example's prediction, for paired tests between runs (metrics.mcnemar)
+    (workdir / PREDICTIONS).write_text(json.dumps({
+        'step': int(tested.step), 'split': config.data.test_split,
+        **{name: column.tolist() for name, column in predictions.items()}}))
   test.update({k: v for hook in hooks for k, v in hook.summary(tested).items()})
   test.update(tested_step=int(tested.step), test_on=test_on)
   if stopper is not None and stopper.stop:

@@ -38,3 +38,21 @@ def test_class_never_predicted_scores_zero_not_nan():
   np.testing.assert_allclose(summary['macro_precision'], (3 / 5 + 0) / 2)
   np.testing.assert_allclose(summary['macro_recall'], (1 + 0) / 2)
   np.testing.assert_allclose(summary['macro_f1'], (2 * 0.6 * 1 / 1.6 + 0) / 2)
+
+
+def test_mcnemar_by_hand_and_against_scipy():
+  from scipy import stats
+  a = np.array([1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 0, 1], bool)
+  b = np.array([1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0], bool)
+  # discordant: A alone right on 5 (indices 1, 2, 7, 8, 11), B alone on 1 (index 4): n = 6,
+  # P(X <= 1) = (1 + 6) / 64, two-sided 14 / 64
+  result = metrics.mcnemar(a, b)
+  assert (result['a_only'], result['b_only']) == (5, 1)
+  assert result['p_value'] == 14 / 64 and result['difference'] == (8 - 4) / 12
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    a, b = rng.random(300) < rng.random(), rng.random(300) < rng.random()
+    result = metrics.mcnemar(a, b)
+    n = result['a_only'] + result['b_only']
+    np.testing.assert_allclose(result['p_value'], stats.binomtest(result['a_only'], n, 0.5).pvalue, rtol=1e-9)
+  assert metrics.mcnemar(a, a)['p_value'] == 1.0  # no discordant example

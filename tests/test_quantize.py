@@ -127,6 +127,10 @@ def test_a_qat_run_tests_the_int8_model_that_quantize_and_export_reproduce(qat_r
   assert out.returncode == 0, out.stderr[-3000:]
   evaluated = json.loads(out.stdout.strip().splitlines()[-1])
   assert evaluated['step'] == test['tested_step']
+  with open(os.path.join(qat_run, 'test_predictions.json')) as f:  # each test example's prediction
+    predictions = json.load(f)
+  assert predictions['step'] == test['tested_step'] and predictions['index'] == list(range(test['count']))
+  assert np.mean(np.equal(predictions['prediction'], predictions['label'])) == test['accuracy']
   # the run's own test evaluation computed with the int8 weights: the PTQ tool's int8 model is that model
   assert evaluated['int8']['accuracy'] == test['accuracy']
   assert evaluated['int8']['loss'] == pytest.approx(test['loss'], rel=1e-6)

@@ -104,6 +104,13 @@ def test_eval_over_padded_batches_equals_unpadded_metrics():
   assert padded['count'] == 10
   assert padded['confusion_matrix'] == whole['confusion_matrix']
   np.testing.assert_allclose(padded['loss'], whole['loss'], rtol=1e-6)
+  # per-example predictions, padding dropped, put back in index order (here the batches hold 9..0)
+  indexed = [{**b, 'index': np.arange(9 - 6 * i, 3 - 6 * i, -1).clip(0)} for i, b in enumerate(batches)]
+  _, predictions = step_lib.evaluate(eval_step, state, indexed, mesh, keep_predictions=True)
+  np.testing.assert_array_equal(predictions['index'], np.arange(10))
+  logits = linen_apply_fn(module)(state.params, state.model_state, {'image': batch['image']}, False, state.rng)[0]
+  np.testing.assert_array_equal(predictions['prediction'], np.argmax(logits, -1)[::-1])
+  np.testing.assert_array_equal(predictions['label'], batch['label'][::-1])
 
 
 def test_state_is_donated():

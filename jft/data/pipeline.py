@@ -119,7 +119,8 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, seed
 
 def eval_batches(data_config: ml_collections.ConfigDict, split: str, batch_size: int,
                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-  """One pass over `split` (images in order); the last batch is padded, and `mask` is False on padding."""
+  """One pass over `split` (images in order); the last batch is padded, and `mask` is False on padding; `index` is
+  each example's position in the split (for paired comparisons of predictions)."""
   per_host = _per_host_batch_size(batch_size, process_count)
   if builders.is_text(data_config.name):
     yield from text.eval_batches(data_config, split, batch_size,
@@ -135,4 +136,5 @@ def eval_batches(data_config: ml_collections.ConfigDict, split: str, batch_size:
     mask = indices < size
     batch = read(np.minimum(indices, size - 1))  # Padding rereads the last example, then zeroed.
     yield {'image': np.where(mask[:, None, None, None], batch['image'], 0),
-           'label': np.where(mask, batch['label'], 0), 'mask': mask}
+           'label': np.where(mask, batch['label'], 0), 'mask': mask,
+           'index': np.minimum(indices, size - 1).astype(np.int32)}

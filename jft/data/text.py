@@ -179,7 +179,8 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows
 
 def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_size: int,
                  rows: slice) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over a split sorted by length; the last batch is padded by rereading, and `mask` is False there."""
+  """One pass over a split sorted by length; the last batch is padded by rereading, and `mask` is False there.
+  `index`: each text's position in the split."""
   split = _tokenized_eval_split(data_config.to_json(), split_name)
   size = len(split.lengths_N)
   # Sorted by length, a batch pads to the bucket of texts like its own; metrics need no order.
@@ -187,6 +188,7 @@ def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_
   for start in range(0, size, batch_size):
     positions = np.arange(start, start + batch_size)
     # Padding rows reread the longest text, which the last batch holds anyway: its pad length stays.
-    batch = split.batch(order[np.minimum(positions, size - 1)], rows)
+    indices = order[np.minimum(positions, size - 1)]
+    batch = split.batch(indices, rows)
     mask = (positions < size)[rows]
-    yield {**batch, 'label': np.where(mask, batch['label'], 0), 'mask': mask}
+    yield {**batch, 'label': np.where(mask, batch['label'], 0), 'mask': mask, 'index': indices[rows].astype(np.int32)}
