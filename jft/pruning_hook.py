@@ -73,7 +73,7 @@ class MaskSchedule(hooks.Hook):
   def optimizer_options(self, first_step: int, last_step: int, accumulate_steps: int = 1) -> dict[str, Any]:
     """The keyword arguments of `optim.make_optimizer` for the stage of steps `first_step`..`last_step`: the
     prunable tree, the criterion, and with `rewind_lr` the update counts at which the rate restarts."""
-    updates = pruning.update_steps(**{k: v for k, v in self.schedule.items()})
+    updates = pruning.update_steps(**self.schedule)
     restarts = [(step - first_step) // accumulate_steps for step in updates if first_step <= step <= last_step]
     return dict(prunable=self.prunable, prune_criterion=self.criterion,
                 lr_restarts=restarts if self.rewind_lr else ())
