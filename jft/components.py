@@ -94,6 +94,9 @@ def build_teacher(source: str, student: Model) -> Teacher:
   state_dir, teacher_config = run.state_dir, run.config
   module = models.get_model(ml_collections.ConfigDict(teacher_config['model']), student.num_classes)
   params, model_state = lora.merged_for_run(run.params, teacher_config), run.model_state
+  quantized = quantize.settings(ml_collections.ConfigDict(teacher_config))
+  if quantized is not None:  # a teacher trained with int8 weights computes with them, as in its run
+    params = jax.device_get(quantize.fake_quantize_params(params, quantized))
   # The shapes the teacher's model has on the student's inputs: a different class count shows in the head.
   expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **student.example_inputs, train=False))
   mismatches = tree_paths.shape_mismatches(expected['params'], params)
