@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Knowledge distillation (jft/distill.py) from the jft run `teacher` (None: off): the loss is
   # (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || model), both softened by temperature.
   config.distill = dict(teacher=config_dict.placeholder(str), weight=0.5, temperature=2.0)
-  # int8 weights (jft/quantize.py): mode 'qat' trains and evaluates with them (straight-through gradients); targets
+  # int8 weights (jft/int8.py): mode 'qat' trains and evaluates with them (straight-through gradients); targets
   # None: every kernel and embedding. Post-training quantization of a finished run: `python -m jft.quantize`.
   config.quantize = dict(mode='none', targets=config_dict.placeholder(tuple))
   if 'probe' in variants:

@@ -51,7 +51,8 @@ def check_reused(name: str, config) -> None:
   with open(path) as f:
     saved = _flat(json.load(f))
   wanted = _flat(json.loads(config.to_json()))
-  saved.pop('data.data_dir', None), wanted.pop('data.data_dir', None)
+  for flat in (saved, wanted):  # where the data lives is not part of the experiment
+    flat.pop('data.data_dir', None)
   for field, value in ADDED_FIELDS.items():
     if field not in saved and wanted.get(field, value) == value:
       wanted.pop(field, None)

@@ -15,13 +15,13 @@ from jax.sharding import Mesh
 from jft import (
   data,
   distill,
+  int8,
   lora,
   model_files,
   models,
   prune_criteria,
   pruning,
   pruning_hook,
-  quantize,
   sharding,
   teacher_hook,
   tree_paths,
@@ -40,7 +40,7 @@ class Model:
   """The configured module, its class count, `init_variables(rng) -> (params, model_state)`, one example's
   model inputs (what the shapes come from) and the apply function the train and eval steps call. With
   `config.lora` the params hold adapters and `apply_fn` merges them (jft/lora.py); with `config.quantize.mode`
-  'qat' it computes with int8 weights (jft/quantize.py)."""
+  'qat' it computes with int8 weights (jft/int8.py)."""
 
   module: nn.Module
   num_classes: int
@@ -59,10 +59,10 @@ def build_model(config: ml_collections.ConfigDict, process_index: int = 0, proce
   example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
   init_variables = lambda rng: split_variables(module.init(rng, **example_inputs, train=False))
   apply_fn = linen_apply_fn(module)
-  quantized = quantize.settings(config)
+  quantized = int8.settings(config)
   if quantized is not None:  # inside LoRA's wrapper: the merged weights are quantized
-    quantize.target_paths(jax.eval_shape(init_variables, jax.random.PRNGKey(0))[0], quantized)
-    apply_fn = quantize.wrap_apply_fn(apply_fn, quantized)
+    int8.target_paths(list(tree_paths.flatten(jax.eval_shape(init_variables, jax.random.PRNGKey(0))[0])), quantized)
+    apply_fn = int8.wrap_apply_fn(apply_fn, quantized)
   adapters = lora.settings(config)
   if adapters is not None:
     init_variables = lora.with_adapters(init_variables, adapters)
@@ -94,9 +94,9 @@ def build_teacher(source: str, student: Model) -> Teacher:
   state_dir, teacher_config = run.state_dir, run.config
   module = models.get_model(ml_collections.ConfigDict(teacher_config['model']), student.num_classes)
   params, model_state = lora.merged_for_run(run.params, teacher_config), run.model_state
-  quantized = quantize.settings(ml_collections.ConfigDict(teacher_config))
+  quantized = int8.settings(ml_collections.ConfigDict(teacher_config))
   if quantized is not None:  # a teacher trained with int8 weights computes with them, as in its run
-    params = jax.device_get(quantize.fake_quantize_params(params, quantized))
+    params = jax.device_get(int8.fake_quantize_params(params, quantized))
   # The shapes the teacher's model has on the student's inputs: a different class count shows in the head.
   expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **student.example_inputs, train=False))
   mismatches = tree_paths.shape_mismatches(expected['params'], params)

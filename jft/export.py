@@ -9,7 +9,7 @@ Reads the parameters and pruning masks of a jft checkpoint with plain orbax (`jf
 masks, and writes one safetensors file: each pruned tensor as a bitmask of its kept weights (`PATH::bitmask`,
 uint8, one bit per weight) plus the kept values in order (`PATH::values`), every other tensor as it is (`PATH`).
 The metadata says which is which and each tensor's shape and dtype. `load(OUT)` gives back the dense parameters,
-bit-identical to the masked ones. With `--int8` (the default for a run trained with quantization, jft/quantize.py)
+bit-identical to the masked ones. With `--int8` (the default for a run trained with quantization, jft/int8.py)
 the quantized weights are stored as int8 values (`PATH::int8`, all of them or the kept ones after the bitmask) and
 float32 per-channel scales (`PATH::scale`), and `load(OUT)` gives float32(q) * scale, bit-identical to the weights
 the quantized model computes with. Prints dense vs compressed bytes, overall and per top-level module.
@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from safetensors.numpy import load_file, save_file
 
-from jft import hf_export, lora, pruning, quantize, tree_paths
+from jft import hf_export, int8, lora, pruning, tree_paths
 from jft import init as init_lib
 from jft.errors import UserError
 
@@ -37,7 +37,7 @@ _OUT = flags.DEFINE_string('out', None, 'the .safetensors file to write')
 _STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to export (default: the latest)')
 FORMATS = ('jft-pruned', 'hf', 'peft')
 _INT8 = flags.DEFINE_bool('int8', None, 'store the quantized weights as int8 values + per-channel scales '
-                          '(jft/quantize.py; default: on for a run trained with config.quantize.mode=qat)')
+                          '(jft/int8.py; default: on for a run trained with config.quantize.mode=qat)')
 _FORMAT = flags.DEFINE_enum('format', None, FORMATS, 'what to write (default: jft-pruned for pruned runs and '
                             'non-BERT models, else hf)')
 USAGE = 'usage: python -m jft.export --workdir=DIR --out=OUT [--format=jft-pruned|hf|peft] [--int8] [--step=N]'
@@ -58,7 +58,7 @@ def params_and_masks(run: init_lib.Run) -> tuple[dict[str, np.ndarray], dict[str
 
 
 def compress(params: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-             quantized: dict[str, quantize.Quantized] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+             quantized: dict[str, int8.Quantized] | None = None) -> tuple[dict[str, np.ndarray], dict]:
   """(tensors to save, metadata): a bitmask and the kept values for each masked parameter, the rest dense; with
   `quantized` ({path: its int8 form}), those as int8 values (all, or the kept ones) and per-channel scales."""
   quantized = quantized or {}
@@ -94,28 +94,26 @@ def decompress(tensors: dict[str, np.ndarray], layout: dict[str, dict]) -> dict[
   params = {}
   for path, entry in layout.items():
     shape, dtype, form = tuple(entry['shape']), np.dtype(entry['dtype']), entry['format']
-    size = int(np.prod(shape))
-    stored = tensors[f'{path}::int8'] if form.endswith('int8') else tensors.get(f'{path}::values')
-    if form.startswith('bitmask'):
-      mask = np.unpackbits(tensors[f'{path}::bitmask'], count=size).astype(bool)
-      dense = np.zeros(size, stored.dtype)
-      dense[mask] = stored
-      stored = dense
-    if form.endswith('int8'):
-      scale_shape = [1] * len(shape)
-      if shape:
-        scale_shape[entry['axis']] = shape[entry['axis']]
-      scales = tensors[f'{path}::scale'].reshape(scale_shape)
-      params[path] = quantize.dequantize(quantize.Quantized(stored.reshape(shape), scales, entry['axis']), xp=np)
-    elif form == 'bitmask':
-      params[path] = stored.reshape(shape)
-    else:
+    if form == 'dense':
       params[path] = tensors[path].astype(dtype, copy=False).reshape(shape)
+      continue
+    quantized = form.endswith('int8')
+    stored = tensors[f'{path}::{"int8" if quantized else "values"}']
+    if form.startswith('bitmask'):
+      mask = np.unpackbits(tensors[f'{path}::bitmask'], count=int(np.prod(shape))).astype(bool)
+      stored, kept = np.zeros(mask.size, stored.dtype), stored
+      stored[mask] = kept
+    if quantized:
+      scale_shape = [shape[axis] if axis == entry['axis'] else 1 for axis in range(len(shape))]
+      scales = tensors[f'{path}::scale'].reshape(scale_shape)
+      params[path] = int8.dequantize(int8.Quantized(stored.reshape(shape), scales, entry['axis']), xp=np)
+    else:
+      params[path] = stored.reshape(shape)
   return params
 
 
 def save(path: str, params: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-         quantized: dict[str, quantize.Quantized] | None = None) -> dict[str, int]:
+         quantized: dict[str, int8.Quantized] | None = None) -> dict[str, int]:
   """Writes the compressed file; returns {'dense_bytes', 'compressed_bytes'}."""
   tensors, layout = compress(params, masks, quantized)
   save_file(tensors, path, metadata={'format': FORMAT, 'layout': json.dumps(layout)})
@@ -135,7 +133,7 @@ def load(path: str) -> PyTree:
 
 
 def size_table(params: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-               quantized: dict[str, quantize.Quantized] | None = None) -> list[dict[str, Any]]:
+               quantized: dict[str, int8.Quantized] | None = None) -> list[dict[str, Any]]:
   """Dense and compressed bytes per top-level module and in all, as `save` stores them."""
   tensors, layout = compress(params, masks, quantized)
   rows: dict[str, dict[str, Any]] = {}
@@ -168,18 +166,18 @@ def main() -> None:
     run = init_lib.read_run(_WORKDIR.value, items=('params', 'masks'), step=_STEP.value)
     if run is None:
       raise UserError(f'{_WORKDIR.value} has no checkpoint; give the work directory of a jft run')
-    run_targets = quantize.settings(ml_collections.ConfigDict(run.config))
-    int8 = run_targets is not None if _INT8.value is None else _INT8.value
-    chosen = _FORMAT.value or ('jft-pruned' if int8 else default_format(run.config))
+    run_targets = int8.settings(ml_collections.ConfigDict(run.config))
+    as_int8 = run_targets is not None if _INT8.value is None else _INT8.value
+    chosen = _FORMAT.value or ('jft-pruned' if as_int8 else default_format(run.config))
     if chosen != 'jft-pruned':
-      if int8:
+      if as_int8:
         raise UserError(f'--format={chosen} stores float weights; int8 weights are stored by --format=jft-pruned '
                         '(or leave out --int8)')
       export = hf_export.export_hf if chosen == 'hf' else hf_export.export_peft
       print(json.dumps(export(run, _OUT.value)))
       return
     params, masks = params_and_masks(run)
-    quantized = quantize.quantize_flat(params, run_targets or quantize.DEFAULT_TARGETS) if int8 else None
+    quantized = int8.quantize_flat(params, run_targets or int8.DEFAULT_TARGETS) if as_int8 else None
     save(_OUT.value, params, masks, quantized)
     rows = size_table(params, masks, quantized)
   except UserError as e:

@@ -88,10 +88,10 @@ def score_state_of(opt_state: optax.OptState) -> ScoreState | None:
 
 def reset(opt_state: optax.OptState) -> optax.OptState:
   """`opt_state` with its score sums (if any) back to zero: a mask update starts a new window."""
-  if score_state_of(opt_state) is None:
+  state = score_state_of(opt_state)
+  if state is None:
     return opt_state
   zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-  state = score_state_of(opt_state)
   return optax.tree.set(opt_state, _in_score_state, score_sums=zeros(state.score_sums),
                         score_steps=zeros(state.score_steps))
 
@@ -118,7 +118,8 @@ def check(criterion: str, prunable: PyTree, trainable_per_stage: Sequence[PyTree
     return
   chosen = [path for path, selected in tree_paths.flatten(prunable).items() if selected]
   for index, trainable in enumerate(trainable_per_stage):
-    frozen = [path for path in chosen if not tree_paths.flatten(trainable)[path]]
+    trains = tree_paths.flatten(trainable)
+    frozen = [path for path in chosen if not trains[path]]
     if frozen:
       raise UserError(f"config.prune.criterion {criterion!r} ranks weights by their gradients, but {frozen[0]} (and "
                       f'{len(frozen) - 1} other pruned parameters) is frozen in stage {index} and gets none (LoRA '

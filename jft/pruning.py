@@ -67,9 +67,9 @@ def prunable(params: PyTree, include: Sequence[str] | None = None, exclude: Sequ
   return jax.tree.unflatten(jax.tree.structure(params), selected)
 
 
-def _check_sparsity(sparsity: float) -> None:
+def _check_sparsity(sparsity: float, field: str = 'sparsity') -> None:
   if not 0 <= sparsity < 1:
-    raise UserError(f'config.prune.sparsity is {sparsity}: make it a fraction in [0, 1), e.g. 0.8')
+    raise UserError(f'config.prune.{field} is {sparsity}: make it a fraction in [0, 1), e.g. 0.8')
 
 
 def _check_schedule(schedule: str, start_step: int, end_step: int, every: int, cycles: int,
@@ -116,7 +116,7 @@ def sparsity_at(step: int, target: float, schedule: str, start_step: int, end_st
   start_step) / cycles) by pruning to (k + 1) / cycles of `target`.
   """
   _check_sparsity(target)
-  _check_sparsity(initial)
+  _check_sparsity(initial, 'initial_sparsity')
   _check_schedule(schedule, start_step, end_step, every, cycles, initial)
   last = _last_update(step, target, schedule, start_step, end_step, every, cycles, initial)
   return 0.0 if last is None else last[1]

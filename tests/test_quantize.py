@@ -1,5 +1,6 @@
-"""int8 quantization (jft/quantize.py): the arithmetic against NumPy and by hand, the straight-through gradient,
-zeros kept, the pruned + int8 export bit-exact, and a quantization-aware run end to end."""
+"""int8 quantization (jft/int8.py, python -m jft.quantize): the arithmetic against NumPy and by hand, the
+straight-through gradient, zeros kept, the pruned + int8 export bit-exact, and a quantization-aware run end to
+end."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from contract import run_main
 
-from jft import export, pruning, quantize, tree_paths
+from jft import export, int8, pruning, tree_paths
 from jft import init as init_lib
 from jft.errors import UserError
 
@@ -32,7 +33,7 @@ def numpy_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_int8_by_hand():
   w = jnp.array([[0.5, -2.54], [-0.25, 1.0], [0.0, 0.01]])
-  q = quantize.quantize(w, axis=1)
+  q = int8.quantize(w, axis=1)
   # column 0: scale 0.5 / 127, so 0.5 -> 127, -0.25 -> -63.5 -> -64 (half to even), 0 -> 0
   # column 1: scale 2.54 / 127 = 0.02: -2.54 -> -127, 1.0 -> 50, 0.01 -> 0.5 -> 0 (half to even)
   np.testing.assert_array_equal(q.values, [[127, -127], [-64, 50], [0, 0]])
@@ -45,11 +46,11 @@ def test_int8_matches_numpy_and_dequantizes_exactly(shape, axis):
   w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   w[..., 0] = 0.0 if axis != 0 else w[..., 0]  # a column of zeros in some channels
   w.reshape(-1)[:3] = 0.0
-  q = quantize.quantize(jnp.asarray(w), axis)
+  q = int8.quantize(jnp.asarray(w), axis)
   want_q, want_s = numpy_int8(w, axis)
   np.testing.assert_array_equal(q.values, want_q)
   np.testing.assert_array_equal(np.asarray(q.scales).reshape(-1), want_s)
-  deq = quantize.dequantize(q)
+  deq = int8.dequantize(q)
   np.testing.assert_array_equal(deq, want_q.astype(np.float32) * np.expand_dims(
       want_s, tuple(a for a in range(len(shape)) if a != axis)))
   assert np.all(np.asarray(deq)[w == 0] == 0)  # zeros stay zeros: pruning composes
@@ -57,34 +58,34 @@ def test_int8_matches_numpy_and_dequantizes_exactly(shape, axis):
 
 
 def test_a_channel_of_zeros_gets_scale_one():
-  q = quantize.quantize(jnp.zeros((3, 2)).at[0, 1].set(1.0), axis=1)
+  q = int8.quantize(jnp.zeros((3, 2)).at[0, 1].set(1.0), axis=1)
   np.testing.assert_array_equal(q.scales, np.array([[1.0, 1 / 127]], np.float32))
   np.testing.assert_array_equal(q.values[:, 0], [0, 0, 0])
 
 
 def test_channels_are_output_columns_for_kernels_and_rows_for_embeddings():
-  assert quantize.channel_axis('encoder/layer_0/mlp/intermediate/kernel', (384, 1536)) == 1
-  assert quantize.channel_axis('conv_0/kernel', (3, 3, 1, 32)) == 3
-  assert quantize.channel_axis('embeddings/word_embeddings/embedding', (30522, 384)) == 0
+  assert int8.channel_axis('encoder/layer_0/mlp/intermediate/kernel', (384, 1536)) == 1
+  assert int8.channel_axis('conv_0/kernel', (3, 3, 1, 32)) == 3
+  assert int8.channel_axis('embeddings/word_embeddings/embedding', (30522, 384)) == 0
 
 
 def test_fake_quantization_is_exact_forward_and_straight_through_backward():
   w = jnp.asarray(np.random.default_rng(1).normal(size=(6, 4)), jnp.float32)
-  forward = quantize.fake_quantize(w, axis=1)
-  np.testing.assert_array_equal(forward, quantize.dequantize(quantize.quantize(w, 1)))  # bit for bit
+  forward = int8.fake_quantize(w, axis=1)
+  np.testing.assert_array_equal(forward, int8.dequantize(int8.quantize(w, 1)))  # bit for bit
   upstream = jnp.arange(24.0).reshape(6, 4)
-  grad = jax.grad(lambda w: jnp.sum(quantize.fake_quantize(w, 1) * upstream))(w)
+  grad = jax.grad(lambda w: jnp.sum(int8.fake_quantize(w, 1) * upstream))(w)
   np.testing.assert_array_equal(grad, upstream)  # the rounding passes the gradient unchanged
 
 
 def test_only_targets_are_quantized_and_patterns_that_match_nothing_are_refused():
   params = {'dense': {'kernel': jnp.full((2, 2), 0.3), 'bias': jnp.full((2,), 0.3)}}
-  out = quantize.fake_quantize_params(params, (r'.*kernel',))
+  out = int8.fake_quantize_params(params, (r'.*kernel',))
   assert out['dense']['bias'] is params['dense']['bias']
   np.testing.assert_array_equal(out['dense']['kernel'], np.float32(127) * np.float32(0.3 / 127))
   with pytest.raises(UserError, match=r"config.quantize.targets pattern 'nope/.\*' matches no parameter"):
-    quantize.target_paths(params, ('nope/.*',))
-  assert quantize.target_paths(params, quantize.DEFAULT_TARGETS) == ['dense/kernel']  # defaults may miss
+    int8.target_paths(['dense/kernel', 'dense/bias'], ('nope/.*',))
+  assert int8.target_paths(['dense/kernel', 'dense/bias'], int8.DEFAULT_TARGETS) == ['dense/kernel']  # may miss
 
 
 def test_pruned_int8_export_loads_bit_exact_and_is_small(tmp_path):
@@ -95,13 +96,13 @@ def test_pruned_int8_export_loads_bit_exact_and_is_small(tmp_path):
   masks = {'dense/kernel': np.asarray(pruning._keep(jnp.abs(jnp.asarray(params['dense/kernel'])).ravel(),
                                                     jnp.int32(1638))).reshape(64, 32)}  # 80% pruned
   params['dense/kernel'] = params['dense/kernel'] * masks['dense/kernel']
-  quantized = quantize.quantize_flat(params, quantize.DEFAULT_TARGETS)
+  quantized = int8.quantize_flat(params, int8.DEFAULT_TARGETS)
   assert sorted(quantized) == ['dense/kernel', 'embed/embedding']
   path = str(tmp_path / 'model.safetensors')
   sizes = export.save(path, params, masks, quantized)
   loaded = tree_paths.flatten(export.load(path))
   for name in quantized:
-    want = quantize.dequantize(quantize.quantize(jnp.asarray(params[name]), quantize.channel_axis(name, (1, 1))))
+    want = int8.dequantize(int8.quantize(jnp.asarray(params[name]), int8.channel_axis(name, params[name].shape)))
     np.testing.assert_array_equal(loaded[name], want)
     assert loaded[name].dtype == np.float32
   np.testing.assert_array_equal(loaded['dense/bias'], params['dense/bias'])
@@ -141,7 +142,7 @@ def test_a_qat_run_tests_the_int8_model_that_quantize_and_export_reproduce(qat_r
   run = init_lib.read_run(qat_run, items=('params', 'masks'), step=test['tested_step'])
   loaded = export.load(exported)
   for name in ('hidden', 'conv_1'):
-    want = quantize.fake_quantize_params(run.params, quantize.DEFAULT_TARGETS)[name]['kernel']
+    want = int8.fake_quantize_params(run.params, int8.DEFAULT_TARGETS)[name]['kernel']
     np.testing.assert_array_equal(loaded[name]['kernel'], want)
     assert np.mean(loaded[name]['kernel'] == 0) >= 0.5  # pruned to 50%; int8 keeps the zeros
   refused = subprocess.run([sys.executable, '-m', 'jft.export', f'--workdir={qat_run}', f'--out={tmp_path}/hf',
