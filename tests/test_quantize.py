@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from contract import run_main
 
-from jft import export, int8, pruning, tree_paths
+from jft import components, export, int8, pruning, tree_paths
 from jft import init as init_lib
 from jft.errors import UserError
 
@@ -148,3 +148,15 @@ def test_a_qat_run_tests_the_int8_model_that_quantize_and_export_reproduce(qat_r
   refused = subprocess.run([sys.executable, '-m', 'jft.export', f'--workdir={qat_run}', f'--out={tmp_path}/hf',
                             '--format=hf', '--int8'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert refused.returncode == 2 and 'int8 weights are stored by --format=jft-pruned' in refused.stderr
+
+
+def test_a_qat_run_as_a_distillation_teacher_computes_with_its_int8_weights(qat_run):
+  student = components.Model(module=None, num_classes=10, init_variables=None,
+                             example_inputs={'image': np.zeros((1, 28, 28, 1), np.float32)}, apply_fn=None)
+  teacher = components.build_teacher(qat_run, student)
+  masters = init_lib.read_run(qat_run, items=('params',)).params
+  quantized = int8.fake_quantize_params(masters, int8.DEFAULT_TARGETS)
+  for name in ('conv_0', 'hidden', 'head'):
+    np.testing.assert_array_equal(teacher.params[name]['kernel'], quantized[name]['kernel'])
+    assert not np.array_equal(teacher.params[name]['kernel'], masters[name]['kernel'])  # not the float masters
+  np.testing.assert_array_equal(teacher.params['hidden']['bias'], masters['hidden']['bias'])  # not a target
