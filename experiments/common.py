@@ -1,10 +1,12 @@
 """Shared by the experiment scripts: run the command line in experiments/runs/NAME, read its results."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+from absl import flags
+from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, 'experiments', 'runs')
@@ -61,10 +63,11 @@ def check_reused(name: str, config) -> None:
     raise SystemExit(f'{path} was run with another config (fields {differ} differ): move the run away')
 
 
-def load_config(spec: str):
-  """The config of `configs/NAME.py[:ARG]`, as `--config=` would load it."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('config', os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+def load_config(spec: str, *overrides: str):
+  """The config of `--config=configs/NAME.py[:ARG] --config.FIELD=VALUE ...`, parsed as `python -m jft.main`
+  parses it (ml_collections' config flag)."""
+  argv = ['load_config', f'--config={os.path.join(ROOT, spec)}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config

@@ -5,7 +5,11 @@ python experiments/peft.py [--quick] [--only=NAME,...]
 Each row is `python -m jft.main --config=configs/minilm_fortunes.py:VARIANT [overrides]` in experiments/runs/NAME
 (a finished run is reused when its saved config is the one asked for; else it is an error). LoRA runs use
 alpha = 2 x rank and the `lora` variant's learning rate. Early stopping: patience 2 evaluations (every 100 steps)
-on validation accuracy, then the test of the best validation checkpoint. Trainable parameters and optimizer-state
+on validation accuracy, then the test of the best validation checkpoint. A run with early stopping trains exactly
+as the same run without it (same seed, data order and learning-rate schedule) up to the evaluation it stops at,
+so its row is found by feeding the full run's validation curve to jft's own `EarlyStopping`: where that stop leaves
+the tested checkpoint unchanged, the full run's test is its test; otherwise the run is trained for real. A real
+early-stopping run found in experiments/runs is checked against the replay. Trainable parameters and optimizer-state
 bytes come from the resolved rules; the step time is measured here, the variants' steps interleaved on one batch
 of 32 x 64 tokens. Writes experiments/results/peft.md and peft.png.
 """
@@ -24,7 +28,7 @@ from freezing import footprint  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 from minilm_setup import MiniLMSetup, median_step_times  # noqa: E402
 
-from jft import lora  # noqa: E402
+from jft import early_stopping, lora  # noqa: E402
 
 # label -> (config variant, overrides)
 VARIANTS = {
@@ -48,15 +52,23 @@ def config_spec(variant: str, quick: bool) -> str:
   return 'configs/minilm_fortunes.py' + (f':{variants}' if variants else '')
 
 
-def apply_overrides(config, overrides):
-  for override in overrides:
-    field, value = override.removeprefix('--config.').split('=')
-    node = config
-    *parents, leaf = field.split('.')
-    for name in parents:
-      node = node[name]
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else int(value)
-  return config
+def replay_early_stopping(name: str, config) -> dict | None:
+  """The test line the run NAME would end with had `config.early_stopping` been on, from its validation curve;
+  None when the stop would test another checkpoint than NAME tested (then only a real run tells)."""
+  lines = read_metrics(name)
+  test = [line for line in lines if line['split'] == 'test'][-1]
+  stopper = early_stopping.from_config(config)
+  best = early_stopping.Best(config.checkpoint.best_metric, config.checkpoint.best_mode)
+  for line in lines:
+    if line['split'] != 'validation':
+      continue
+    best.update(line['step'], line)
+    stopper.update(line['step'], line)
+    if stopper.stop:
+      break
+  if stopper.stop and line['step'] < test['step'] and best.step != test['tested_step']:
+    return None
+  return dict(test, step=line['step'] if stopper.stop else test['step'], replayed_from=name)
 
 
 def step_times(labels, batch_size: int = 32, length: int = 64, steps: int = 6) -> dict[str, float]:
@@ -66,7 +78,7 @@ def step_times(labels, batch_size: int = 32, length: int = 64, steps: int = 6) -
   runs = {}
   for label in labels:
     variant, overrides = VARIANTS[label]
-    config = apply_overrides(load_config(config_spec(variant, False)), overrides)
+    config = load_config(config_spec(variant, False), *overrides)
     settings = lora.settings(config)
     runs[label] = setup.state_and_step(tuple(config.freeze), lora_settings=settings)
   return median_step_times(setup, runs, steps)
@@ -84,13 +96,22 @@ def main():
   for early in (False, True):
     for label in labels:
       variant, overrides = VARIANTS[label]
+      full_name = run_name(variant, overrides, args.quick, False)
       overrides = overrides + (EARLY_STOPPING if early else ())
       name = run_name(variant, overrides, args.quick, early)
-      config = apply_overrides(load_config(config_spec(variant, args.quick)), overrides)
+      config = load_config(config_spec(variant, args.quick), *overrides)
       check_reused(name, config)
-      test = run_jft(name, config_spec(variant, args.quick), *overrides)
+      replayed = replay_early_stopping(full_name, config) if early else None
+      done = [line for line in read_metrics(name) if line['split'] == 'test']
+      if replayed and done:  # a real run with early stopping on: the replay must say what it did
+        real = {key: done[-1][key] for key in ('step', 'tested_step', 'accuracy', 'macro_f1')}
+        if real != {key: replayed[key] for key in real}:
+          raise SystemExit(f'{name} ended with {real}, the replay of {full_name} says {replayed}')
+        print(f'{name}: the real run agrees with the replay of {full_name}: {real}')
+      test = replayed or run_jft(name, config_spec(variant, args.quick), *overrides)
       trainable, state_bytes = footprint(config)
-      validation = [line for line in read_metrics(name) if line['split'] == 'validation']
+      validation = [line for line in read_metrics(test.get('replayed_from', name)) if line['split'] == 'validation'
+                    and line['step'] <= test['step']]
       rows[label, early] = dict(accuracy=test['accuracy'], macro_f1=test['macro_f1'], trainable=trainable,
                                 state_bytes=state_bytes, tested_step=test.get('tested_step'), last_step=test['step'],
                                 best_validation=max(line['accuracy'] for line in validation))

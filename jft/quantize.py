@@ -27,7 +27,8 @@ def evaluate_run(workdir: str, step: int | None = None, split: str | None = None
   """{'float32': metrics, 'int8': metrics, 'mcnemar_int8_vs_float32': the paired test, ...} of a run's checkpoint
   on `split` (default: the test split): its float32 weights (a QAT run's masters), and those with the `targets`
   (default: the run's, or every kernel and embedding) quantized. `step` None: the step the run's test line
-  tested, else its latest."""
+  tested, else its latest. 'predictions': each example's index, label and the two predictions, for paired tests
+  against other runs."""
   step = tested_step(workdir) if step is None else step
   run = init_lib.read_run(workdir, items=('params', 'model_state'), step=step)
   if run is None:
@@ -51,6 +52,8 @@ def evaluate_run(workdir: str, step: int | None = None, split: str | None = None
     batches = data.eval_batches(config.data, split, config.batch_size)
     results[name], predictions = step_lib.evaluate(eval_step, state, batches, mesh, keep_predictions=True)
     correct[name] = predictions['prediction'] == predictions['label']
+    kept = results.setdefault('predictions', {key: predictions[key].tolist() for key in ('index', 'label')})
+    kept[name] = predictions['prediction'].tolist()
   results['mcnemar_int8_vs_float32'] = metrics.mcnemar(correct['int8'], correct['float32'])
   return results
 

@@ -135,6 +135,9 @@ def test_a_qat_run_tests_the_int8_model_that_quantize_and_export_reproduce(qat_r
   # the run's own test evaluation computed with the int8 weights: the PTQ tool's int8 model is that model
   assert evaluated['int8']['accuracy'] == test['accuracy']
   assert evaluated['int8']['loss'] == pytest.approx(test['loss'], rel=1e-6)
+  with open(os.path.join(qat_run, 'quantized.json')) as f:  # per example, for paired tests against other runs
+    saved = json.load(f)['predictions']
+  assert saved['index'] == predictions['index'] and saved['int8'] == predictions['prediction']
   exported = str(tmp_path / 'qat.safetensors')  # int8 by default for a QAT run
   out = subprocess.run([sys.executable, '-m', 'jft.export', f'--workdir={qat_run}', f'--out={exported}'], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)

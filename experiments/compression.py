@@ -1,0 +1,254 @@
+"""Compression of the fine-tuned MiniLM on fortunes8, with error bars: GMP*-style pruning to 80% and 90%, int8,
+both, over three seeds, each paired with the dense run of its seed on the same test texts.
+
+python experiments/compression.py [--seeds=0,1,2] [--quick] [--report_only] [--only=RECIPE:SPARSITY:SEED]
+
+Runs (each `python -m jft.main` in experiments/runs/NAME; a finished run is reused only when its saved config is
+the one asked for, a killed one resumes):
+  dense        configs/minilm_fortunes.py with --config.seed=SEED (seed 0 is the README's main job,
+               runs/minilm_fortunes); the seed sets the head's initialisation, dropout and the data order
+  gmp*         GMP* (Kurtic & Alistarh 2022) from the dense run of the same seed, all of it (head included):
+               700 steps; magnitude; 50% at step 50, then cubic to the target by step 500 with a mask update
+               every 50 steps and the learning rate rewound to its peak (1e-4) at each; 200 steps with the mask
+               fixed; distillation from that dense run as the only signal (weight 1.0, temperature 2)
+  gmp*-fisher  the same, weights ranked by the diagonal-Fisher criterion (prune.criterion='fisher')
+Pruned: the encoder's dense kernels (jft's default `prune.include`); embeddings, biases, LayerNorm and the head
+stay dense. Order: both recipes at 80% on seed 0; the recipe with the better validation accuracy there (chosen on
+validation, never on test) then runs at 80% and 90% on every seed, after the dense runs of seeds 1 and 2.
+
+Every run's tested checkpoint is evaluated again by `jft.quantize.evaluate_run` with float32 and int8 weights
+(per-channel, every kernel and embedding: post-training quantization), keeping each test text's prediction
+(RUN/quantized.json, as `python -m jft.quantize` writes it); the float32 evaluation must reproduce the run's own
+test accuracy. Pairs: each pruned run against the dense run of its seed, each int8 model against its float32
+one, by the exact McNemar test on the 458 test texts. Sizes: `jft.export.size_table` of the seed-0 checkpoints
+(what `python -m jft.export [--int8]` writes: a bitmask plus the kept values for pruned tensors, int8 values
+plus float32 per-channel scales), per top-level module.
+
+Writes experiments/results/compression.md and compression.png (accuracy vs bytes, with LoRA rank 8 from
+experiments/peft.py where it has run).
+"""
+
+import argparse
+import json
+import os
+
+import matplotlib
+import matplotlib.ticker
+import numpy as np
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS, RUNS, check_reused, load_config, read_metrics, run_jft  # noqa: E402
+from freezing import footprint  # noqa: E402
+
+from jft import export, int8, metrics, quantize  # noqa: E402
+
+CONFIG = 'configs/minilm_fortunes.py'
+SEEDS = (0, 1, 2)
+SPARSITIES = (0.8, 0.9)
+RECIPES = {'gmp*': 'magnitude', 'gmp*-fisher': 'fisher'}
+# steps of the pruning schedule: (first update, last update, every); the quick runs are 12 steps long
+SCHEDULE = {False: (50, 500, 50), True: (2, 8, 2)}
+TEACHER_WEIGHT, TEMPERATURE, INITIAL_SPARSITY = 1.0, 2.0, 0.5
+LORA_RUN = 'minilm_fortunes_lora'  # experiments/peft.py's LoRA rank 8
+MODULES = ('embeddings', 'encoder', 'head')  # the top-level modules of the sizes table
+
+
+def dense_name(seed: int, quick: bool) -> str:
+  return f'minilm_fortunes_quick_seed{seed}' if quick else 'minilm_fortunes' + (f'_seed{seed}' if seed else '')
+
+
+def pruned_name(recipe: str, sparsity: float, seed: int, quick: bool) -> str:
+  return (f'compress_{recipe.replace("*", "star")}_{int(round(sparsity * 100))}_seed{seed}'
+          + ('_quick' if quick else ''))
+
+
+def run_name(recipe: str, sparsity: float, seed: int, quick: bool) -> str:
+  return dense_name(seed, quick) if recipe == 'dense' else pruned_name(recipe, sparsity, seed, quick)
+
+
+def run(name: str, quick: bool, overrides: list[str]) -> dict:
+  """The test line of run NAME (trained now unless finished; its config checked against a saved one)."""
+  spec = CONFIG + (':quick' if quick else '')
+  check_reused(name, load_config(spec, *overrides))
+  return run_jft(name, spec, *overrides)
+
+
+def dense_run(seed: int, quick: bool) -> dict:
+  return run(dense_name(seed, quick), quick, [f'--config.seed={seed}'] if seed else [])
+
+
+def pruned_run(recipe: str, sparsity: float, seed: int, quick: bool) -> dict:
+  dense = os.path.join(RUNS, dense_name(seed, quick))
+  first, last, every = SCHEDULE[quick]
+  return run(pruned_name(recipe, sparsity, seed, quick), quick, [
+      *([f'--config.seed={seed}'] if seed else []), f'--config.init={dense}', '--config.init_skip=()',
+      f'--config.prune.sparsity={sparsity}', f'--config.prune.criterion={RECIPES[recipe]}',
+      f'--config.prune.initial_sparsity={INITIAL_SPARSITY}', f'--config.prune.start_step={first}',
+      f'--config.prune.end_step={last}', f'--config.prune.every={every}', '--config.prune.rewind_lr=True',
+      f'--config.distill.teacher={dense}', f'--config.distill.weight={TEACHER_WEIGHT}',
+      f'--config.distill.temperature={TEMPERATURE}'])
+
+
+def finished(name: str) -> bool:
+  return any(line['split'] == 'test' for line in read_metrics(name))
+
+
+def final_validation(name: str, quick: bool) -> float:
+  """The best validation accuracy of a pruning run at its final sparsity (after the last mask update)."""
+  last = SCHEDULE[quick][1]
+  return max(line['accuracy'] for line in read_metrics(name) if line['split'] == 'validation' and line['step'] >= last)
+
+
+def evaluated(name: str) -> dict:
+  """`jft.quantize.evaluate_run` of the run's tested checkpoint (float32 and int8, with every test text's
+  prediction), saved in RUN/quantized.json and read back from there next time."""
+  path = os.path.join(RUNS, name, 'quantized.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if 'predictions' in saved:
+      return saved
+  results = quantize.evaluate_run(os.path.join(RUNS, name))
+  test = [line for line in read_metrics(name) if line['split'] == 'test'][-1]
+  if abs(results['float32']['accuracy'] - test['accuracy']) > 1e-9:
+    raise SystemExit(f'{name}: evaluating its tested checkpoint gives accuracy {results["float32"]["accuracy"]}, '
+                     f'its test line says {test["accuracy"]}')
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def correct(results: dict, weights: str) -> np.ndarray:
+  predictions = results['predictions']
+  return np.equal(predictions[weights], predictions['label'])
+
+
+def sizes(name: str) -> dict[str, list[dict]]:
+  """`jft.export.size_table` of a run's tested checkpoint as stored in float32 and with int8 weights."""
+  test = [line for line in read_metrics(name) if line['split'] == 'test'][-1]
+  params, masks = export.read_params_and_masks(os.path.join(RUNS, name), test.get('tested_step'))
+  return {'float32': export.size_table(params, masks),
+          'int8': export.size_table(params, masks, int8.quantize_flat(params, int8.DEFAULT_TARGETS))}
+
+
+def mcnemar_cells(tests: list[dict]) -> str:
+  return '; '.join(f"{test['a_only']}/{test['b_only']}, p={test['p_value']:.2g}" for test in tests)
+
+
+def mean_std(values: list[float]) -> str:
+  values = 100 * np.asarray(values)
+  return f'{values.mean():.1f} ± {values.std(ddof=1):.1f}' if len(values) > 1 else f'{values.mean():.1f}'
+
+
+def plan(seeds, quick: bool) -> list[tuple]:
+  """('dense', seed) and (recipe, sparsity, seed) in the order they run: the recipe comparison on seed 0 first."""
+  steps = [('dense', 0)] + [(recipe, 0.8, 0) for recipe in RECIPES]
+  candidates = [pruned_name(recipe, 0.8, 0, quick) for recipe in RECIPES]
+  if all(finished(name) for name in candidates):
+    chosen = max(RECIPES, key=lambda recipe: final_validation(pruned_name(recipe, 0.8, 0, quick), quick))
+    steps += [('dense', seed) for seed in seeds if seed] + [(chosen, sparsity, seed) for sparsity in SPARSITIES
+                                                            for seed in seeds]
+  return list(dict.fromkeys(steps))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--seeds', default=','.join(map(str, SEEDS)))
+  parser.add_argument('--quick', action='store_true', help='12-step runs: checks the script, not the numbers')
+  parser.add_argument('--report_only', action='store_true', help='train nothing: report the finished runs')
+  parser.add_argument('--only', help='RECIPE:SPARSITY:SEED or dense:SEED: run just that')
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  if args.only:
+    recipe, *rest = args.only.split(':')
+    print(dense_run(int(rest[0]), args.quick) if recipe == 'dense' else
+          pruned_run(recipe, float(rest[0]), int(rest[1]), args.quick))
+    return
+  ran = set()
+  while not args.report_only and (todo := [step for step in plan(seeds, args.quick) if step not in ran]):
+    for step in todo:  # the plan grows once the seed-0 comparison has finished
+      dense_run(step[1], args.quick) if step[0] == 'dense' else pruned_run(*step, args.quick)
+      ran.add(step)
+  report(seeds, args.quick)
+
+
+def report(seeds, quick: bool):
+  suffix = '_quick' if quick else ''
+  dense = {seed: evaluated(dense_name(seed, quick)) for seed in seeds if finished(dense_name(seed, quick))}
+  rows = [('dense', 0.0, dense)]
+  count = len(next(iter(dense.values()))['predictions']['label'])
+  for recipe in RECIPES:
+    for sparsity in SPARSITIES:
+      names = {seed: pruned_name(recipe, sparsity, seed, quick) for seed in seeds}
+      done = {seed: evaluated(name) for seed, name in names.items() if finished(name)}
+      if done:
+        rows.append((recipe, sparsity, done))
+
+  lines = ['# Compression of MiniLM on fortunes8: pruning, int8 and both, with error bars', '',
+           'Produced by `python experiments/compression.py`' + (' --quick (smoke run: not results)' if quick else '')
+           + f'. Test split, {count} texts; accuracy in points, mean ± standard deviation over the seeds that have run '
+           '(n); "vs dense": the mean ± std over seeds of (pruned - dense of the same seed). McNemar: exact, on the '
+           'same texts, per seed: texts right only for the compressed model / only for the reference, p. int8: '
+           'post-training, per-channel symmetric, every kernel and embedding. The recipes are described at the top '
+           'of the script.', '',
+           '| model | sparsity | n | test accuracy per seed | mean ± std | vs dense | McNemar vs dense (per seed) '
+           '| int8 mean ± std | int8 - float32 | McNemar int8 vs float32 (per seed) |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  points = {}
+  for recipe, sparsity, done in rows:
+    accuracy = [r['float32']['accuracy'] for r in done.values()]
+    quantized = [r['int8']['accuracy'] for r in done.values()]
+    paired = [seed for seed in done if seed in dense and recipe != 'dense']
+    gaps = [done[s]['float32']['accuracy'] - dense[s]['float32']['accuracy'] for s in paired]
+    tests = [metrics.mcnemar(correct(done[s], 'float32'), correct(dense[s], 'float32')) for s in paired]
+    int8_tests = [done[s]['mcnemar_int8_vs_float32'] for s in done]
+    per_seed = ', '.join(f'{100 * a:.1f}' for a in accuracy)
+    int8_gaps = [q - a for q, a in zip(quantized, accuracy, strict=True)]
+    lines.append(f'| {recipe} | {sparsity:.0%} | {len(done)} | {per_seed} | {mean_std(accuracy)} | '
+                 f'{mean_std(gaps) if gaps else ""} | {mcnemar_cells(tests)} | {mean_std(quantized)} | '
+                 f'{mean_std(int8_gaps)} | {mcnemar_cells(int8_tests)} |')
+    points[recipe, sparsity] = accuracy, quantized, sizes(run_name(recipe, sparsity, min(done), quick))
+
+  lines += ['', '## Sizes of the seed-0 models (bytes as `python -m jft.export [--int8]` stores them; ratio to dense '
+            'float32)', '',
+            '| model | weights | ' + ' | '.join(MODULES) + ' | all |', '|---|---|' + '---|' * (len(MODULES) + 1)]
+  reference = {row['module']: row['dense_bytes'] for row in points['dense', 0.0][2]['float32']}
+  for (recipe, sparsity), (_, _, table) in points.items():
+    for weights, size_rows in table.items():
+      cells = {row['module']: row['compressed_bytes'] for row in size_rows}
+      lines.append(f'| {recipe} {sparsity:.0%} | {weights} | ' + ' | '.join(
+          f'{cells[m] / 1e6:.2f} MB ({cells[m] / reference[m]:.3f})' for m in (*MODULES, 'all')) + ' |')
+  with open(os.path.join(RESULTS, f'compression{suffix}.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  plot(points, quick, suffix)
+
+
+def plot(points: dict, quick: bool, suffix: str):
+  figure, axis = plt.subplots(figsize=(10, 5))
+  for color, ((recipe, sparsity), (accuracy, quantized, table)) in enumerate(points.items()):
+    label = 'dense' if recipe == 'dense' else f'{recipe} {sparsity:.0%}'
+    for weights, values, marker in (('float32', accuracy, 'o'), ('int8', quantized, 's')):
+      axis.errorbar(table[weights][-1]['compressed_bytes'] / 1e6, 100 * np.mean(values),
+                    yerr=100 * np.std(values, ddof=1) if len(values) > 1 else None, color=f'C{color}', marker=marker,
+                    capsize=4, linestyle='none', label=f'{label}, {weights} (n={len(values)})')
+  lora = [line for line in read_metrics(LORA_RUN) if line['split'] == 'test'] if not quick else []
+  if lora:
+    trainable, _ = footprint(load_config(CONFIG + ':lora'))
+    axis.errorbar(trainable * 4 / 1e6, 100 * lora[-1]['accuracy'], color='black', marker='^', linestyle='none',
+                  label='LoRA rank 8: adapters + head in float32,\non a shared pretrained base (n=1)')
+  axis.set_xscale('log')
+  axis.set_xticks([1, 2, 5, 10, 20, 50, 100])
+  axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  axis.set_xlabel('bytes to store (MB, log scale; circles float32, squares int8)')
+  axis.set_ylabel('test accuracy (%)')
+  axis.set_title('MiniLM on fortunes8: test accuracy (mean ± std over seeds) vs size')
+  axis.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.0, 0.5))
+  figure.tight_layout()
+  figure.savefig(os.path.join(RESULTS, f'compression{suffix}.png'), dpi=120)
+
+
+if __name__ == '__main__':
+  main()
