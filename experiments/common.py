@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
+
+from jft import quantize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, 'experiments', 'runs')
@@ -71,3 +74,40 @@ def load_config(spec: str, *overrides: str):
   config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', flag_values=flag_values, sys_argv=argv)
   flag_values(argv)
   return flag_values.config
+
+
+def evaluated(name: str) -> dict:
+  """`jft.quantize.evaluate_run` of run NAME's tested checkpoint: its metrics with float32 and with int8 weights
+  and every test example's prediction, saved in RUN/quantized.json (as `python -m jft.quantize` writes it) and read
+  back from there next time. The float32 evaluation must reproduce the run's own test accuracy."""
+  path = os.path.join(RUNS, name, 'quantized.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if 'predictions' in saved:
+      return saved
+  results = quantize.evaluate_run(os.path.join(RUNS, name))
+  test = [line for line in read_metrics(name) if line['split'] == 'test'][-1]
+  if abs(results['float32']['accuracy'] - test['accuracy']) > 1e-9:
+    raise SystemExit(f'{name}: evaluating its tested checkpoint gives accuracy {results["float32"]["accuracy"]}, '
+                     f'its test line says {test["accuracy"]}')
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def correct(results: dict, weights: str = 'float32') -> np.ndarray:
+  """Whether each test example was right, from `evaluated(...)` (weights 'float32' or 'int8')."""
+  predictions = results['predictions']
+  return np.equal(predictions[weights], predictions['label'])
+
+
+def mean_std(values) -> str:
+  """Fractions as points: 'mean ± sample std' ('mean' alone for one value)."""
+  values = 100 * np.asarray(values)
+  return f'{values.mean():.1f} ± {values.std(ddof=1):.1f}' if len(values) > 1 else f'{values.mean():.1f}'
+
+
+def mcnemar_cells(tests: list[dict]) -> str:
+  """`metrics.mcnemar` results as 'A only/B only, p=...' per pair."""
+  return '; '.join(f"{test['a_only']}/{test['b_only']}, p={test['p_value']:.2g}" for test in tests)

@@ -29,7 +29,6 @@ experiments/peft.py where it has run).
 """
 
 import argparse
-import json
 import os
 
 import matplotlib
@@ -38,10 +37,21 @@ import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, RUNS, check_reused, load_config, read_metrics, run_jft  # noqa: E402
+from common import (  # noqa: E402
+  RESULTS,
+  RUNS,
+  check_reused,
+  correct,
+  evaluated,
+  load_config,
+  mcnemar_cells,
+  mean_std,
+  read_metrics,
+  run_jft,
+)
 from freezing import footprint  # noqa: E402
 
-from jft import export, int8, metrics, quantize  # noqa: E402
+from jft import export, int8, metrics  # noqa: E402
 
 CONFIG = 'configs/minilm_fortunes.py'
 SEEDS = (0, 1, 2)
@@ -100,45 +110,12 @@ def final_validation(name: str, quick: bool) -> float:
   return max(line['accuracy'] for line in read_metrics(name) if line['split'] == 'validation' and line['step'] >= last)
 
 
-def evaluated(name: str) -> dict:
-  """`jft.quantize.evaluate_run` of the run's tested checkpoint (float32 and int8, with every test text's
-  prediction), saved in RUN/quantized.json and read back from there next time."""
-  path = os.path.join(RUNS, name, 'quantized.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if 'predictions' in saved:
-      return saved
-  results = quantize.evaluate_run(os.path.join(RUNS, name))
-  test = [line for line in read_metrics(name) if line['split'] == 'test'][-1]
-  if abs(results['float32']['accuracy'] - test['accuracy']) > 1e-9:
-    raise SystemExit(f'{name}: evaluating its tested checkpoint gives accuracy {results["float32"]["accuracy"]}, '
-                     f'its test line says {test["accuracy"]}')
-  with open(path, 'w') as f:
-    json.dump(results, f, indent=2)
-  return results
-
-
-def correct(results: dict, weights: str) -> np.ndarray:
-  predictions = results['predictions']
-  return np.equal(predictions[weights], predictions['label'])
-
-
 def sizes(name: str) -> dict[str, list[dict]]:
   """`jft.export.size_table` of a run's tested checkpoint as stored in float32 and with int8 weights."""
   test = [line for line in read_metrics(name) if line['split'] == 'test'][-1]
   params, masks = export.read_params_and_masks(os.path.join(RUNS, name), test.get('tested_step'))
   return {'float32': export.size_table(params, masks),
           'int8': export.size_table(params, masks, int8.quantize_flat(params, int8.DEFAULT_TARGETS))}
-
-
-def mcnemar_cells(tests: list[dict]) -> str:
-  return '; '.join(f"{test['a_only']}/{test['b_only']}, p={test['p_value']:.2g}" for test in tests)
-
-
-def mean_std(values: list[float]) -> str:
-  values = 100 * np.asarray(values)
-  return f'{values.mean():.1f} ± {values.std(ddof=1):.1f}' if len(values) > 1 else f'{values.mean():.1f}'
 
 
 def plan(seeds, quick: bool) -> list[tuple]:

@@ -22,13 +22,24 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, check_reused, load_config, read_metrics, run_jft  # noqa: E402
+from common import (  # noqa: E402
+  RESULTS,
+  check_reused,
+  correct,
+  evaluated,
+  load_config,
+  mcnemar_cells,
+  mean_std,
+  read_metrics,
+  run_jft,
+)
 from freezing import footprint  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 from minilm_setup import MiniLMSetup, median_step_times  # noqa: E402
+from timing import machine  # noqa: E402
 
-from jft import early_stopping, lora  # noqa: E402
+from jft import early_stopping, lora, metrics  # noqa: E402
 
 # label -> (config variant, overrides)
 VARIANTS = {
@@ -39,12 +50,16 @@ VARIANTS = {
     'full fine-tuning': ('', ()),
 }
 EARLY_STOPPING = ('--config.early_stopping.patience=2',)
+# The claim (LoRA rank 8 within 2 points of full fine-tuning) rests on these two rows: they also run with the
+# other seeds (--config.seed; the seed sets the new weights' initialisation, dropout and the data order).
+CLAIM = ('LoRA rank 8', 'full fine-tuning')
+SEEDS = (0, 1, 2)
 
 
-def run_name(variant: str, overrides: tuple[str, ...], quick: bool, early: bool) -> str:
+def run_name(variant: str, overrides: tuple[str, ...], quick: bool, early: bool, seed: int = 0) -> str:
   parts = ['minilm_fortunes', variant] + [o.split('=')[0].split('.')[-1] + o.split('=')[1] for o in overrides
                                           if 'rank' in o] + (['early'] if early else []) + (['quick'] if quick else [])
-  return '_'.join(p for p in parts if p)
+  return '_'.join(p for p in parts if p) + (f'_seed{seed}' if seed else '')
 
 
 def config_spec(variant: str, quick: bool) -> str:
@@ -71,6 +86,34 @@ def replay_early_stopping(name: str, config) -> dict | None:
   return dict(test, step=line['step'] if stopper.stop else test['step'], replayed_from=name)
 
 
+def seed_run(label: str, seed: int, quick: bool) -> str:
+  """The name of run LABEL with `--config.seed=SEED`, trained unless finished (seed 0: the table's own run)."""
+  variant, overrides = VARIANTS[label]
+  overrides = overrides + ((f'--config.seed={seed}',) if seed else ())
+  name = run_name(variant, overrides, quick, False, seed)
+  check_reused(name, load_config(config_spec(variant, quick), *overrides))
+  run_jft(name, config_spec(variant, quick), *overrides)
+  return name
+
+
+def claim_table(claim: dict[str, dict[int, str]]) -> list[str]:
+  """LoRA rank 8 against full fine-tuning per seed, paired on the same test texts (exact McNemar)."""
+  lora, full = ({seed: evaluated(name) for seed, name in claim[label].items()} for label in CLAIM)
+  accuracy = {CLAIM[0]: [r['float32']['accuracy'] for r in lora.values()],
+              CLAIM[1]: [r['float32']['accuracy'] for r in full.values()]}
+  gaps = [a - b for a, b in zip(*accuracy.values(), strict=True)]
+  tests = [metrics.mcnemar(correct(lora[seed]), correct(full[seed])) for seed in lora]
+  lines = ['', f'## {CLAIM[0]} vs {CLAIM[1]} over seeds', '',
+           'Test accuracy (points) of the best validation checkpoint; McNemar: texts right only with LoRA / only '
+           'with full fine-tuning, exact p.', '',
+           f'| seed | {CLAIM[0]} | {CLAIM[1]} | LoRA - full | McNemar |', '|---|---|---|---|---|']
+  for seed, a, b, test in zip(lora, *accuracy.values(), tests, strict=True):
+    lines.append(f'| {seed} | {100 * a:.1f} | {100 * b:.1f} | {100 * (a - b):+.1f} | {mcnemar_cells([test])} |')
+  lines.append(f'| mean ± std | {mean_std(accuracy[CLAIM[0]])} | {mean_std(accuracy[CLAIM[1]])} | '
+               f'{mean_std(gaps)} | |')
+  return lines
+
+
 def step_times(labels, batch_size: int = 32, length: int = 64, steps: int = 6) -> dict[str, float]:
   """Median seconds of each variant's train step, interleaved on one batch (the probe freezes all but the head;
   LoRA freezes the encoder and trains adapters through the merge; full trains everything)."""
@@ -88,6 +131,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--quick', action='store_true', help='the :quick variants: checks the script, not the numbers')
   parser.add_argument('--only', default='', help='comma-separated labels to run (default: all)')
+  parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help=f'the seeds of the rows {CLAIM}')
   args = parser.parse_args()
   labels = [label for label in VARIANTS if not args.only or label in args.only.split(',')]
   suffix = '_quick' if args.quick else ''
@@ -108,13 +152,16 @@ def main():
         if real != {key: replayed[key] for key in real}:
           raise SystemExit(f'{name} ended with {real}, the replay of {full_name} says {replayed}')
         print(f'{name}: the real run agrees with the replay of {full_name}: {real}')
-      test = replayed or run_jft(name, config_spec(variant, args.quick), *overrides)
+      test = done[-1] if done else replayed or run_jft(name, config_spec(variant, args.quick), *overrides)
       trainable, state_bytes = footprint(config)
       validation = [line for line in read_metrics(test.get('replayed_from', name)) if line['split'] == 'validation'
                     and line['step'] <= test['step']]
       rows[label, early] = dict(accuracy=test['accuracy'], macro_f1=test['macro_f1'], trainable=trainable,
                                 state_bytes=state_bytes, tested_step=test.get('tested_step'), last_step=test['step'],
-                                best_validation=max(line['accuracy'] for line in validation))
+                                best_validation=max(line['accuracy'] for line in validation),
+                                replayed='replayed_from' in test)
+  seeds = [int(seed) for seed in args.seeds.split(',')]
+  claim = {label: {seed: seed_run(label, seed, args.quick) for seed in seeds} for label in CLAIM if label in labels}
   times = step_times(labels)
   encoder = rows[labels[-1], False]['trainable'] if labels[-1] == 'full fine-tuning' else None
 
@@ -122,8 +169,9 @@ def main():
             '| step time, 32 x 64 | with early stopping: stopped at | its test step | its test accuracy |')
   table = ['# Parameter-efficient fine-tuning of MiniLM on fortunes8', '',
            'Produced by `python experiments/peft.py`' + (' --quick (smoke run: not results)' if args.quick else '')
-           + '; one seed (0); up to 700 steps of batch 32; the test of the best validation checkpoint (test_on '
-           "'best'); test split, 458 texts (one seed's standard error is about 2 points). Early stopping: patience 2 "
+           + '; seed 0 (the rows of the claim over more seeds below); up to 700 steps of batch 32; the test of the '
+           "best validation checkpoint (test_on 'best'); test split, 458 texts (one seed's standard error is about 2 "
+           'points). Early stopping: patience 2 '
            'evaluations of validation accuracy, every 100 steps. Step times: one process, the variants interleaved '
            'on one batch of 32 x 64 tokens. LoRA: alpha = 2 x rank on every attention and MLP kernel, lr 5e-4; '
            'the head trains fully.', '', header, '|---|---|---|---|---|---|---|---|---|']
@@ -132,7 +180,14 @@ def main():
     share = f" ({r['trainable'] / encoder:.2%})" if encoder else ''
     table.append(f"| {label} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['trainable']:,}{share} | "
                  f"{r['state_bytes'] / 2**20:.2f} MiB | {times[label] * 1e3:.0f} ms | {e['last_step']} | "
-                 f"{e['tested_step']} | {e['accuracy']:.3f} |")
+                 f"{e['tested_step']} | {e['accuracy']:.3f}{' *' if e['replayed'] else ''} |")
+  table += ['', 'Early stopping: "stopped at" 700 is the end of the run (no stop before it). The results marked * '
+            'are replays of the full run (the same run with early stopping on trains identically until it stops: '
+            '`replay_early_stopping`); the others come from real runs with early stopping on (the probe\'s real run '
+            'agrees with its replay).', '',
+            f'Machine: {machine()}. Step times are for comparing within the column (the variants take turns).']
+  if len(claim) == len(CLAIM):
+    table += claim_table(claim)
   with open(os.path.join(RESULTS, f'peft{suffix}.md'), 'w') as f:
     f.write('\n'.join(table) + '\n')
   print('\n'.join(table))
