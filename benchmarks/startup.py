@@ -2,8 +2,9 @@
 
 python benchmarks/startup.py [--config=configs/minilm_fortunes.py] [--steps=3] [--repeats=2]
 Runs the command-line job `repeats` times cold and warm, alternately, each in a fresh work directory and a fresh
-process, `steps` steps each, and prints the `seconds_to_first_step` it logged (process start to the end of its
-first step: setup, data, compilation or the cache, one step), the whole process's wall time, and their ratios.
+process, `steps` steps each, and prints the `seconds_to_first_step` it logged (from the start of training, after
+the imports and the command line, to the end of its first step: setup, data, compilation or the cache, one step),
+the whole process's wall time, and their ratios.
 """
 
 import json

@@ -13,7 +13,7 @@ whatever mesh or process count the run was saved with.
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -121,15 +121,21 @@ def load_params(source: str) -> tuple[PyTree, str]:
                   'directory with config.json + model.safetensors, nor a jft work directory or checkpoint')
 
 
+def skipped_paths(paths: Iterable[str], skip: Sequence[str]) -> set[str]:
+  """The parameter paths a `config.init_skip` regex matches in full: the model initialises those itself."""
+  return {path for path in paths if any(re.fullmatch(pattern, path) for pattern in skip)}
+
+
 def merge_params(params: PyTree, loaded: PyTree, skip: Sequence[str], source: str = 'init') -> PyTree:
-  """`params` with every leaf not matching a `skip` regex replaced by the same path of `loaded`."""
+  """`params` with every leaf not matching a `skip` regex replaced by the same path of `loaded` (the replaced
+  leaves need only a shape and dtype: `jax.ShapeDtypeStruct` will do)."""
   fresh = tree_paths.flatten(params)
   found = {path: np.asarray(leaf) for path, leaf in tree_paths.flatten(loaded).items()}
   for pattern in skip:
     if not any(re.fullmatch(pattern, path) for path in fresh):
       raise UserError(f'config.init_skip pattern {pattern!r} matches no parameter of the model; '
                       f'parameter paths look like {", ".join(list(fresh)[:3])}')
-  skipped = {path for path in fresh if any(re.fullmatch(p, path) for p in skip)}
+  skipped = skipped_paths(fresh, skip)
   mismatches = [f'  missing   {path} {tuple(leaf.shape)}' for path, leaf in fresh.items()
                 if path not in skipped and path not in found]
   mismatches += [f'  shape     {path}: model {tuple(leaf.shape)}, {source} {found[path].shape}'

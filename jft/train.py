@@ -30,6 +30,7 @@ from jft import (
   pmap_backend,
   preemption,
   sharding,
+  tree_paths,
 )
 from jft import init as init_lib
 from jft import stages as stages_lib
@@ -121,7 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f'{workdir / "damaged_checkpoints"}), so this run cannot resume: give a new --workdir to start '
                       'over, or move damaged_checkpoints/ away to start over in this one')
     runner = stages_lib.StageRunner(stages, compile_stage, 0)
-    state = init_state(config, model, init_rng, make_state, runner.current.tx, runner.current.state_sharding)
+    state = init_state(config, model, init_rng, make_state, runner.current.tx, runner.current.state_sharding,
+                       abstract_params)
   else:
     state, data_state = restored
     train_batches.set_state(data_state)
@@ -234,15 +236,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def init_state(config: ml_collections.ConfigDict, model: components.Model, init_rng: jax.Array, make_state,
-               tx, state_sharding) -> TrainState:
+               tx, state_sharding, abstract_params: init_lib.PyTree) -> TrainState:
   """The fresh train state, created sharded: the model's initialisation, with `config.init`'s parameters put
-  straight onto their shardings (each device receives only its slices)."""
+  straight onto their shardings (each device receives only its slices). With `config.init` the program returns
+  only the parameters the source does not give (`init_skip`, new adapters): XLA drops the rest of the
+  initialisation, so it is neither compiled nor run (the kept parameters are the same draws as in the whole)."""
   params_sharding, model_state_sharding = state_sharding.params, state_sharding.model_state
-  params, model_state = jax.jit(model.init_variables, out_shardings=(params_sharding, model_state_sharding))(init_rng)
-  if config.init:
+  if not config.init:
+    params, model_state = jax.jit(model.init_variables, out_shardings=(params_sharding, model_state_sharding))(
+        init_rng)
+  else:
     loaded, source = init_lib.load_params(config.init)
     skip = (*config.init_skip, lora.ADAPTER) if lora.settings(config) else config.init_skip  # new adapters
-    params = sharding.put(init_lib.merge_params(params, loaded, skip, source), params_sharding)
+    shapes, shardings = tree_paths.flatten(abstract_params), tree_paths.flatten(params_sharding)
+    skipped = sorted(init_lib.skipped_paths(shapes, skip))
+
+    def init_skipped(rng):
+      params, model_state = model.init_variables(rng)
+      flat = tree_paths.flatten(params)
+      return {path: flat[path] for path in skipped}, model_state
+
+    fresh, model_state = jax.jit(init_skipped, out_shardings=({path: shardings[path] for path in skipped},
+                                                              model_state_sharding))(init_rng)
+    params = sharding.put(init_lib.merge_params(tree_paths.unflatten({**shapes, **fresh}), loaded, skip, source),
+                          params_sharding)
     logging.info('initialised from %s, except %s', source, config.init_skip)
   return jax.jit(lambda params, model_state: make_state(params, model_state, tx),
                  in_shardings=(params_sharding, model_state_sharding), out_shardings=state_sharding,

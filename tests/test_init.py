@@ -6,12 +6,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from jft import init as init_lib
-from jft import pretrained, pruning
+from jft import pretrained, pruning, sharding, train
 from jft.checkpoint import Checkpoints
 from jft.errors import UserError
 from jft.state import create_train_state
@@ -30,6 +31,30 @@ def test_takes_every_parameter_but_the_skipped_ones():
   np.testing.assert_array_equal(merged['body']['bias'], np.ones(3))
   np.testing.assert_array_equal(merged['head']['kernel'], np.zeros((3, 4)))  # fresh: skipped
   assert 'extra' not in merged
+
+
+def test_a_fresh_state_from_a_source_draws_only_the_skipped_parameters_as_the_whole_initialisation_would(tmp_path):
+  def init_variables(rng):  # a body the source gives, a head it does not
+    return {'body': {'kernel': jax.random.normal(jax.random.fold_in(rng, 0), (4, 3))},
+            'head': {'kernel': jax.random.normal(jax.random.fold_in(rng, 1), (3, 2)),
+                     'bias': jax.random.uniform(jax.random.fold_in(rng, 2), (2,))}}, {}
+
+  source = {'body': {'kernel': jnp.arange(12.0).reshape(4, 3)},
+            'head': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}}
+  checkpoints = Checkpoints(str(tmp_path / 'checkpoints'))
+  checkpoints.save(create_train_state(source, {}, optax.sgd(1.0), jax.random.PRNGKey(0)), {}, {})
+  checkpoints.close()
+  config = ml_collections.ConfigDict({'init': str(tmp_path), 'init_skip': ('head/.*',)})
+  rng, tx = jax.random.PRNGKey(7), optax.adam(1e-3)
+  make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, rng)
+  abstract = jax.eval_shape(lambda rng: make_state(*init_variables(rng), tx), rng)
+  replicated = jax.tree.map(lambda _: sharding.replicated(sharding.make_mesh()), abstract)
+  model = type('Model', (), {'init_variables': staticmethod(init_variables)})
+  state = train.init_state(config, model, rng, make_state, tx, replicated, abstract.params)
+  whole = jax.jit(init_variables)(rng)[0]
+  jax.tree.map(np.testing.assert_array_equal, state.params['head'], whole['head'])  # the same draws, bit for bit
+  np.testing.assert_array_equal(state.params['body']['kernel'], source['body']['kernel'])
+  assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(replicated.params)[0]
 
 
 def test_misfits_are_listed_one_by_one():
