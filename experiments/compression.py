@@ -1,20 +1,24 @@
-"""Compression of the fine-tuned MiniLM on fortunes8, with error bars: GMP*-style pruning to 80% and 90%, int8,
-both, over three seeds, each paired with the dense run of its seed on the same test texts.
+"""Compression of the fine-tuned MiniLM on fortunes8, with error bars: pruning to 80% and 90%, int8, both, over
+three seeds, each paired with the dense run of its seed on the same test texts.
 
 python experiments/compression.py [--seeds=0,1,2] [--quick] [--report_only] [--only=RECIPE:SPARSITY:SEED]
 
 Runs (each `python -m jft.main` in experiments/runs/NAME; a finished run is reused only when its saved config is
 the one asked for, a killed one resumes):
-  dense        configs/minilm_fortunes.py with --config.seed=SEED (seed 0 is the README's main job,
-               runs/minilm_fortunes); the seed sets the head's initialisation, dropout and the data order
-  gmp*         GMP* (Kurtic & Alistarh 2022) from the dense run of the same seed, all of it (head included):
-               700 steps; magnitude; 50% at step 50, then cubic to the target by step 500 with a mask update
-               every 50 steps and the learning rate rewound to its peak (1e-4) at each; 200 steps with the mask
-               fixed; distillation from that dense run as the only signal (weight 1.0, temperature 2)
-  gmp*-fisher  the same, weights ranked by the diagonal-Fisher criterion (prune.criterion='fisher')
+  dense           configs/minilm_fortunes.py with --config.seed=SEED (seed 0 is the README's main job,
+                  runs/minilm_fortunes); the seed sets the head's initialisation, dropout and the data order
+  gmp*            GMP* (Kurtic & Alistarh 2022) from the dense run of the same seed, all of it (head included):
+                  700 steps; magnitude; 50% at step 50, then cubic to the target by step 500 with a mask update
+                  every 50 steps and the learning rate rewound to its peak (1e-4) at each; 200 steps with the
+                  mask fixed; distillation from that dense run as the only signal (weight 1.0, temperature 2)
+  ft+gradual-erk  the best recipe of experiments/sparsity_sweep.py: pruning while fine-tuning the pretrained
+                  MiniLM (the main job's 700 steps and learning rate), cubic from step 1 to the target at step
+                  490, a mask update every 10 steps, sparsity spread over the tensors by Erdos-Renyi-Kernel
+  gmp*-fisher     gmp* with weights ranked by the diagonal-Fisher criterion (prune.criterion='fisher')
 Pruned: the encoder's dense kernels (jft's default `prune.include`); embeddings, biases, LayerNorm and the head
-stay dense. Order: both recipes at 80% on seed 0; the recipe with the better validation accuracy there (chosen on
-validation, never on test) then runs at 80% and 90% on every seed, after the dense runs of seeds 1 and 2.
+stay dense. Order: every recipe at 80% on seed 0; the one with the best validation accuracy there at its final
+sparsity (chosen on validation, never on test) then runs at 80% and 90% on every seed, after the dense runs of
+seeds 1 and 2.
 
 Every run's tested checkpoint is evaluated again by `jft.quantize.evaluate_run` with float32 and int8 weights
 (per-channel, every kernel and embedding: post-training quantization), keeping each test text's prediction
@@ -56,10 +60,18 @@ from jft import export, int8, metrics  # noqa: E402
 CONFIG = 'configs/minilm_fortunes.py'
 SEEDS = (0, 1, 2)
 SPARSITIES = (0.8, 0.9)
-RECIPES = {'gmp*': 'magnitude', 'gmp*-fisher': 'fisher'}
-# steps of the pruning schedule: (first update, last update, every); the quick runs are 12 steps long
-SCHEDULE = {False: (50, 500, 50), True: (2, 8, 2)}
-TEACHER_WEIGHT, TEMPERATURE, INITIAL_SPARSITY = 1.0, 2.0, 0.5
+# How each recipe prunes. start: from the dense fine-tuned run of the same seed (all of it, head included) or
+# from the pretrained MiniLM with a new head (pruning while fine-tuning); schedule: the steps of the first and
+# the last mask update and the steps between them, in the 700-step runs (quick_schedule: in the 12-step ones).
+GMP_STAR = dict(start='dense', criterion='magnitude', scope='layer', initial_sparsity=0.5, schedule=(50, 500, 50),
+                quick_schedule=(2, 8, 2), rewind_lr=True, distill=True)
+RECIPES = {
+    'gmp*': GMP_STAR,
+    'ft+gradual-erk': dict(start='pretrained', criterion='magnitude', scope='erk', initial_sparsity=0.0,
+                           schedule=(1, 490, 10), quick_schedule=(1, 8, 1), rewind_lr=False, distill=False),
+    'gmp*-fisher': dict(GMP_STAR, criterion='fisher'),
+}
+TEACHER_WEIGHT, TEMPERATURE = 1.0, 2.0
 LORA_RUN = 'minilm_fortunes_lora'  # experiments/peft.py's LoRA rank 8
 MODULES = ('embeddings', 'encoder', 'head')  # the top-level modules of the sizes table
 
@@ -89,24 +101,29 @@ def dense_run(seed: int, quick: bool) -> dict:
 
 
 def pruned_run(recipe: str, sparsity: float, seed: int, quick: bool) -> dict:
+  how = RECIPES[recipe]
   dense = os.path.join(RUNS, dense_name(seed, quick))
-  first, last, every = SCHEDULE[quick]
-  return run(pruned_name(recipe, sparsity, seed, quick), quick, [
-      *([f'--config.seed={seed}'] if seed else []), f'--config.init={dense}', '--config.init_skip=()',
-      f'--config.prune.sparsity={sparsity}', f'--config.prune.criterion={RECIPES[recipe]}',
-      f'--config.prune.initial_sparsity={INITIAL_SPARSITY}', f'--config.prune.start_step={first}',
-      f'--config.prune.end_step={last}', f'--config.prune.every={every}', '--config.prune.rewind_lr=True',
-      f'--config.distill.teacher={dense}', f'--config.distill.weight={TEACHER_WEIGHT}',
-      f'--config.distill.temperature={TEMPERATURE}'])
+  first, last, every = how['quick_schedule' if quick else 'schedule']
+  overrides = [*([f'--config.seed={seed}'] if seed else []), f'--config.prune.sparsity={sparsity}',
+               f'--config.prune.criterion={how["criterion"]}', f'--config.prune.scope={how["scope"]}',
+               f'--config.prune.initial_sparsity={how["initial_sparsity"]}', f'--config.prune.start_step={first}',
+               f'--config.prune.end_step={last}', f'--config.prune.every={every}',
+               f'--config.prune.rewind_lr={how["rewind_lr"]}']
+  if how['start'] == 'dense':  # else the config's own: the pretrained MiniLM with a new head
+    overrides += [f'--config.init={dense}', '--config.init_skip=()']
+  if how['distill']:
+    overrides += [f'--config.distill.teacher={dense}', f'--config.distill.weight={TEACHER_WEIGHT}',
+                  f'--config.distill.temperature={TEMPERATURE}']
+  return run(pruned_name(recipe, sparsity, seed, quick), quick, overrides)
 
 
 def finished(name: str) -> bool:
   return any(line['split'] == 'test' for line in read_metrics(name))
 
 
-def final_validation(name: str, quick: bool) -> float:
+def final_validation(recipe: str, name: str, quick: bool) -> float:
   """The best validation accuracy of a pruning run at its final sparsity (after the last mask update)."""
-  last = SCHEDULE[quick][1]
+  last = RECIPES[recipe]['quick_schedule' if quick else 'schedule'][1]
   return max(line['accuracy'] for line in read_metrics(name) if line['split'] == 'validation' and line['step'] >= last)
 
 
@@ -123,7 +140,7 @@ def plan(seeds, quick: bool) -> list[tuple]:
   steps = [('dense', 0)] + [(recipe, 0.8, 0) for recipe in RECIPES]
   candidates = [pruned_name(recipe, 0.8, 0, quick) for recipe in RECIPES]
   if all(finished(name) for name in candidates):
-    chosen = max(RECIPES, key=lambda recipe: final_validation(pruned_name(recipe, 0.8, 0, quick), quick))
+    chosen = max(RECIPES, key=lambda recipe: final_validation(recipe, pruned_name(recipe, 0.8, 0, quick), quick))
     steps += [('dense', seed) for seed in seeds if seed] + [(chosen, sparsity, seed) for sparsity in SPARSITIES
                                                             for seed in seeds]
   return list(dict.fromkeys(steps))
