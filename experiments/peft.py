@@ -1,7 +1,7 @@
 """Parameter-efficient fine-tuning of MiniLM on fortunes8: full fine-tuning vs LoRA at rank 4, 8 and 16 vs a linear
 probe, each trained to the end and with early stopping.
 
-python experiments/peft.py [--quick] [--only=NAME,...]
+python experiments/peft.py [--quick] [--only=NAME,...] [--seeds=0,1,2]
 Each row is `python -m jft.main --config=configs/minilm_fortunes.py:VARIANT [overrides]` in experiments/runs/NAME
 (a finished run is reused when its saved config is the one asked for; else it is an error). LoRA runs use
 alpha = 2 x rank and the `lora` variant's learning rate. Early stopping: patience 2 evaluations (every 100 steps)
