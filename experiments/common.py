@@ -108,6 +108,11 @@ def mean_std(values) -> str:
   return f'{values.mean():.1f} ± {values.std(ddof=1):.1f}' if len(values) > 1 else f'{values.mean():.1f}'
 
 
+def interval_cell(interval: tuple[float, float]) -> str:
+  """A (low, high) interval of fractions as ' [low, high]' in points."""
+  return f' [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]'
+
+
 def mcnemar_cells(tests: list[dict]) -> str:
   """`metrics.mcnemar` results as 'A only/B only, p=...' per pair."""
   return '; '.join(f"{test['a_only']}/{test['b_only']}, p={test['p_value']:.2g}" for test in tests)

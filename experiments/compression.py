@@ -47,6 +47,7 @@ from common import (  # noqa: E402
   check_reused,
   correct,
   evaluated,
+  interval_cell,
   load_config,
   mcnemar_cells,
   mean_std,
@@ -182,7 +183,9 @@ def report(seeds, quick: bool):
   lines = ['# Compression of MiniLM on fortunes8: pruning, int8 and both, with error bars', '',
            'Produced by `python experiments/compression.py`' + (' --quick (smoke run: not results)' if quick else '')
            + f'. Test split, {count} texts; accuracy in points, mean ± standard deviation over the seeds that have run '
-           '(n); "vs dense": the mean ± std over seeds of (pruned - dense of the same seed). McNemar: exact, on the '
+           '(n); "vs dense": the mean ± std over seeds of (pruned - dense of the same seed) and, in brackets, its 95% '
+           'interval over the choice of test texts (bootstrap: texts resampled, the same draw for every seed; '
+           '`jft.metrics.paired_difference_interval`). McNemar: exact, on the '
            'same texts, per seed: texts right only for the compressed model / only for the reference, p. int8: '
            'post-training, per-channel symmetric, every kernel and embedding. The recipes are described at the top '
            'of the script.', '',
@@ -196,12 +199,14 @@ def report(seeds, quick: bool):
     paired = [seed for seed in done if seed in dense and recipe != 'dense']
     gaps = [done[s]['float32']['accuracy'] - dense[s]['float32']['accuracy'] for s in paired]
     tests = [metrics.mcnemar(correct(done[s], 'float32'), correct(dense[s], 'float32')) for s in paired]
+    interval = (metrics.paired_difference_interval([correct(done[s]) for s in paired],
+                                                   [correct(dense[s]) for s in paired]) if paired else None)
     int8_tests = [done[s]['mcnemar_int8_vs_float32'] for s in done]
     per_seed = ', '.join(f'{100 * a:.1f}' for a in accuracy)
     int8_gaps = [q - a for q, a in zip(quantized, accuracy, strict=True)]
     lines.append(f'| {recipe} | {sparsity:.0%} | {len(done)} | {per_seed} | {mean_std(accuracy)} | '
-                 f'{mean_std(gaps) if gaps else ""} | {mcnemar_cells(tests)} | {mean_std(quantized)} | '
-                 f'{mean_std(int8_gaps)} | {mcnemar_cells(int8_tests)} |')
+                 f'{mean_std(gaps) + interval_cell(interval) if gaps else ""} | {mcnemar_cells(tests)} | '
+                 f'{mean_std(quantized)} | {mean_std(int8_gaps)} | {mcnemar_cells(int8_tests)} |')
     points[recipe, sparsity] = accuracy, quantized, sizes(run_name(recipe, sparsity, min(done), quick))
 
   lines += ['', '## Sizes of the seed-0 models (bytes as `python -m jft.export [--int8]` stores them; ratio to dense '

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import save_file
 
-from jft import data, lora, model_files, pretrained, pruning, tree_paths
+from jft import data, lora, model_files, pretrained, pruning, rules, tree_paths
 from jft.errors import UserError
 from jft.init import Run
 
@@ -102,7 +102,7 @@ def export_peft(run: Run, out: str) -> dict[str, Any]:
                     'merged model would not be sparse; use --format=hf, which merges with the zeros kept')
   flat = tree_paths.flatten(run.params)
   trained_encoder = [path for path in flat if not path.startswith('head/') and not re.fullmatch(lora.ADAPTER, path)
-                     and any(re.fullmatch(p, path) for p in settings.train)]
+                     and rules.matches_any(path, settings.train)]
   if trained_encoder:
     raise UserError(f'config.lora.train also trains encoder parameters ({", ".join(trained_encoder[:3])}), which '
                     'PEFT adapters alone do not carry; use --format=hf for the whole fine-tuned model')

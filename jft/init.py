@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from jft import lora, model_files, pretrained, tree_paths
+from jft import lora, model_files, pretrained, rules, tree_paths
 from jft.errors import UserError
 
 PyTree = Any
@@ -123,7 +123,7 @@ def load_params(source: str) -> tuple[PyTree, str]:
 
 def skipped_paths(paths: Iterable[str], skip: Sequence[str]) -> set[str]:
   """The parameter paths a `config.init_skip` regex matches in full: the model initialises those itself."""
-  return {path for path in paths if any(re.fullmatch(pattern, path) for pattern in skip)}
+  return {path for path in paths if rules.matches_any(path, skip)}
 
 
 def merge_params(params: PyTree, loaded: PyTree, skip: Sequence[str], source: str = 'init') -> PyTree:

@@ -13,7 +13,6 @@ the rounding unchanged (the straight-through estimator). With LoRA the merged we
 Post-training quantization of a finished run: `python -m jft.quantize` (jft/quantize.py).
 """
 
-import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -52,7 +51,7 @@ def target_paths(paths: Sequence[str], targets: Sequence[str]) -> list[str]:
   may match nothing, as a CNN has no embedding)."""
   for pattern in () if tuple(targets) == DEFAULT_TARGETS else targets:
     rules.check_matches('quantize.targets', pattern, paths)
-  return [path for path in paths if any(re.fullmatch(pattern, path) for pattern in targets)]
+  return [path for path in paths if rules.matches_any(path, targets)]
 
 
 class Quantized(NamedTuple):
@@ -90,7 +89,7 @@ def fake_quantize_params(params: PyTree, targets: Sequence[str]) -> PyTree:
 
   def one(path, leaf):
     name = tree_paths.path_str(path)
-    if not any(re.fullmatch(pattern, name) for pattern in targets):
+    if not rules.matches_any(name, targets):
       return leaf
     return fake_quantize(leaf, channel_axis(name, leaf.shape))
 

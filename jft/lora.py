@@ -83,7 +83,7 @@ def target_paths(params: PyTree, targets: Sequence[str]) -> list[str]:
   flat = tree_paths.flatten(params)
   for pattern in targets:
     rules.check_matches('lora.targets', pattern, list(flat))
-  selected = [path for path in flat if any(re.fullmatch(p, path) for p in targets)]
+  selected = [path for path in flat if rules.matches_any(path, targets)]
   flat_ones = [path for path in selected if len(flat[path].shape) < 2]
   if flat_ones:
     raise UserError(f'config.lora.targets select {", ".join(flat_ones)}, of fewer than 2 dimensions: a low-rank '

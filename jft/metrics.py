@@ -57,3 +57,26 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
   tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n
   return {'a_only': a_only, 'b_only': b_only, 'p_value': min(1.0, 2 * tail),
           'difference': float(np.mean(correct_a) - np.mean(correct_b)) if correct_a.size else 0.0}
+
+
+def paired_difference_interval(correct_a: np.ndarray, correct_b: np.ndarray, confidence: float = 0.95,
+                               resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+  """A bootstrap interval of A's accuracy minus B's, paired on the same examples.
+
+  `correct_a`, `correct_b`: bools [examples] or [runs, examples] (e.g. one row per seed, each run paired with B's
+  run of its row). The statistic is the mean over rows of (A's accuracy - B's); each resample draws the examples
+  with replacement, the same draw for every row, so the interval is what the choice of test examples leaves
+  uncertain (the spread between rows, e.g. seeds, is a separate matter: report it beside). Percentile interval.
+  """
+  correct_a, correct_b = np.atleast_2d(np.asarray(correct_a, bool)), np.atleast_2d(np.asarray(correct_b, bool))
+  if correct_a.shape != correct_b.shape:
+    raise ValueError(f'the two models were scored on different examples ({correct_a.shape} vs {correct_b.shape})')
+  if not 0 < confidence < 1:
+    raise ValueError(f'confidence must be in (0, 1), got {confidence}')
+  # Per example, the mean over rows of (a - b): resampling examples and averaging gives the statistic.
+  per_example = np.mean(correct_a.astype(np.float64) - correct_b, axis=0)
+  draws = np.random.default_rng(seed).integers(0, per_example.size, (resamples, per_example.size))
+  statistics = per_example[draws].mean(axis=1)
+  tail = 100 * (1 - confidence) / 2
+  low, high = np.percentile(statistics, [tail, 100 - tail])
+  return float(low), float(high)

@@ -82,7 +82,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: r
   schedule = make_schedule(optim, total_steps, lr_restarts)
   if labels is None:
     decay = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: any(re.fullmatch(p, tree_paths.path_str(path)) for p in rules.DEFAULT_DECAY), params)
+        lambda path, _: rules.matches_any(tree_paths.path_str(path), rules.DEFAULT_DECAY), params)
     groups, group_of, mults = [FIRST_GROUP], lambda params: jax.tree.map(lambda _: FIRST_GROUP, params), None
   else:
     flat = {name: tree_paths.flatten(getattr(labels, name)) for name in ('decay', 'group', 'lr_mult')}

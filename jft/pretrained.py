@@ -14,7 +14,7 @@ from absl import logging
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from jft import model_files, tree_paths
+from jft import model_files, rules, tree_paths
 from jft.errors import UserError
 from jft.models.bert import BertConfig, BertModel
 
@@ -87,7 +87,7 @@ def convert_hf_bert(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
     if renamed is not None:
       path, transpose = renamed
       converted[path] = np.ascontiguousarray(tensor.T if transpose else tensor)
-    elif not any(re.fullmatch(p, name_in_model) for p in _IGNORED):
+    elif not rules.matches_any(name_in_model, _IGNORED):
       unused.append(name)
   return converted, unused
 

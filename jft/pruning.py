@@ -59,8 +59,7 @@ def prunable(params: PyTree, include: Sequence[str] | None = None, exclude: Sequ
       rules.check_matches(field, pattern, paths)
   include = DEFAULT_INCLUDE if include is None else tuple(include)
   exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
-  matches = lambda patterns, path: any(re.fullmatch(p, path) for p in patterns)
-  selected = [matches(include, path) and not matches(exclude, path) for path in paths]
+  selected = [rules.matches_any(path, include) and not rules.matches_any(path, exclude) for path in paths]
   if not any(selected):
     raise UserError(f'config.prune.include {include} less config.prune.exclude {exclude} leaves no parameter to '
                     'prune; widen include or narrow exclude (`python -m jft.inspect` lists the paths)')

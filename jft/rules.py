@@ -38,6 +38,11 @@ class ParamLabels:
   group: PyTree
 
 
+def matches_any(path: str, patterns: Sequence[str]) -> bool:
+  """Whether one of the regexes `patterns` matches the whole of `path` (`re.fullmatch`), as every rule does."""
+  return any(re.fullmatch(pattern, path) for pattern in patterns)
+
+
 def _closest(pattern: str, paths: Sequence[str]) -> str:
   close = difflib.get_close_matches(pattern, paths, n=5, cutoff=0.0)
   return ', '.join(close)
@@ -111,7 +116,7 @@ def resolve(params: PyTree, freeze: Sequence[str] = (), lr_mults: Sequence[tuple
                       'make the patterns disjoint or agree')
     trainable[path] = not frozen_by
     lr_mult[path] = (mult_rules[0][1] if mult_rules else 1.0) * layer_mults.get(path, 1.0)
-    decays[path] = any(re.fullmatch(p, path) for p in decay)
+    decays[path] = matches_any(path, decay)
   if not any(trainable.values()):
     raise UserError(f'config.freeze {tuple(freeze)} freezes every parameter: nothing would train; '
                     'leave some parameters (e.g. the head) out of it')

@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 from sklearn import metrics as skm
 
 from jft import metrics
@@ -56,3 +57,21 @@ def test_mcnemar_by_hand_and_against_scipy():
     n = result['a_only'] + result['b_only']
     np.testing.assert_allclose(result['p_value'], stats.binomtest(result['a_only'], n, 0.5).pvalue, rtol=1e-9)
   assert metrics.mcnemar(a, a)['p_value'] == 1.0  # no discordant example
+
+
+def test_paired_difference_interval_by_hand_and_against_the_normal_approximation():
+  assert metrics.paired_difference_interval(np.ones(50, bool), np.zeros(50, bool)) == (1.0, 1.0)
+  # Two runs (rows): example 0 gains 1 point in run 0 only, example 1 in run 1 only. Averaged over the runs
+  # each example gains 0.5, so every resample of examples gives 0.5, though each run alone varies with the draw.
+  a, b = np.array([[1, 0], [1, 1]], bool), np.array([[0, 0], [1, 0]], bool)
+  assert metrics.paired_difference_interval(a, b) == (0.5, 0.5)
+  # Many examples: the percentile interval approaches mean +- 1.96 standard errors of the per-example differences.
+  rng = np.random.default_rng(1)
+  a, b = rng.random(4000) < 0.78, rng.random(4000) < 0.75
+  low, high = metrics.paired_difference_interval(a, b)
+  differences = a.astype(float) - b
+  center, standard_error = differences.mean(), differences.std(ddof=1) / np.sqrt(differences.size)
+  np.testing.assert_allclose([low, high], [center - 1.96 * standard_error, center + 1.96 * standard_error],
+                             atol=0.1 * standard_error)
+  with pytest.raises(ValueError, match='different examples'):
+    metrics.paired_difference_interval(np.ones(3, bool), np.ones(4, bool))

@@ -45,6 +45,14 @@ def test_resolve_by_hand():
   assert not decay['head/bias'] and not decay['encoder/layer_1/mlp/layer_norm/scale']
 
 
+def test_a_rule_matches_whole_paths_only():
+  assert rules.matches_any('encoder/layer_1/attention/query/kernel', (r'head/.*', r'.*query/kernel'))
+  # A prefix or a substring is not a match: `re.fullmatch`, not `re.match` or `re.search`.
+  assert not rules.matches_any('encoder/layer_1/attention/query/kernel', (r'encoder/layer_1', r'query'))
+  assert not rules.matches_any('encoder/layer_10/mlp/output/kernel', (r'encoder/layer_1/.*',))
+  assert not rules.matches_any('head/kernel', ())
+
+
 def test_layer_wise_decay_by_hand():
   mult = labels_of(rules.resolve(encoder_like(), layer_decay=0.5, lr_mults=(('head/.*', 2.0),)), 'lr_mult')
   # L = 3: embeddings are layer 0 -> 0.5**3, layer_i is layer i+1 -> 0.5**(2-i), the head layer 3 -> 1 (x its rule)
