@@ -1,0 +1,44 @@
+"""How a text job's training batches pad: batches and tokens per bucket, against padding each batch to its longest.
+
+python benchmarks/padding.py [--config=configs/minilm_fortunes.py] [--config.FIELD=VALUE]
+Replays the job's own batch plan (`jft.data.text.epoch_plan`: shuffled, sorted by length within windows of
+`data.sort_window` batches) for `total_steps` batches and prints, per bucket of `data.buckets`, the batches that
+pad to it and their share of the padded tokens, then the padded tokens against those of batches padded to their
+own longest text (what PyTorch's script in benchmarks/pytorch_fortunes.py does). Tokenizes the training split;
+trains nothing.
+"""
+
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+
+from jft.data import text
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/minilm_fortunes.py', 'the text job')
+
+
+def main(_):
+  config = _CONFIG.value
+  lengths_N = text._TokenizedSplit(config.data, config.data.train_split).lengths_N
+  buckets = np.asarray(config.data.buckets)
+  num_batches = len(lengths_N) // config.batch_size
+  longest = []
+  for epoch in range(-(-config.total_steps // num_batches)):
+    plan = text.epoch_plan(lengths_N, config.batch_size, config.data.sort_window, config.seed, epoch)
+    longest += [lengths_N[batch].max() for batch in plan]
+  longest = np.asarray(longest[:config.total_steps])
+  padded = buckets[np.searchsorted(buckets, longest)]
+  print(f'{config.data.name}, {config.total_steps} batches of {config.batch_size}; texts: median '
+        f'{np.median(lengths_N):.0f} tokens, {np.mean(lengths_N >= config.data.max_len):.1%} cut at '
+        f'{config.data.max_len}\n')
+  print('| bucket | batches | share of batches | share of padded tokens |')
+  print('|---|---|---|---|')
+  for bucket in buckets:
+    count = int(np.sum(padded == bucket))
+    print(f'| {bucket} | {count} | {count / len(padded):.1%} | {bucket * count / padded.sum():.1%} |')
+  print(f'\npadded tokens: {padded.sum() * config.batch_size:,} to buckets, {longest.sum() * config.batch_size:,} '
+        f'to each batch\'s longest text: {padded.sum() / longest.sum():.3f}x')
+
+
+if __name__ == '__main__':
+  app.run(main)
