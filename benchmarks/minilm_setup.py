@@ -23,12 +23,13 @@ OPTIM = dict(name='adamw', lr=1e-4, weight_decay=0.01, warmup_steps=10, schedule
 
 class MiniLMSetup:
   """MiniLM + a new head (mean pooling) with pretrained encoder parameters, and one batch of token ids.
-  `source`: the registered name or a Hugging Face directory of the encoder (any BERT of the same shape times alike)."""
+  `source`: the registered name or a Hugging Face directory of the encoder (any BERT of the same shape times alike);
+  `dtype`: the compute dtype (`config.model.dtype`: 'bfloat16' computes in bf16, parameters stay float32)."""
 
-  def __init__(self, batch_size: int, length: int, source: str = 'minilm'):
+  def __init__(self, batch_size: int, length: int, source: str = 'minilm', dtype: str = 'float32'):
     model = pretrained.load(source)
     self.config = model.config
-    self.module = BertClassifier(model.config, num_classes=NUM_CLASSES, pooling='mean')
+    self.module = BertClassifier(model.config, num_classes=NUM_CLASSES, pooling='mean', dtype=dtype)
     rng = np.random.default_rng(0)
     self.batch = {
         'input_ids': rng.integers(1000, model.config.vocab_size, (batch_size, length)).astype(np.int32),

@@ -5,7 +5,8 @@ Runs only in the separate PyTorch virtual environment (torch, transformers, nump
 One JSON command per input line, one JSON answer per output line:
   {"op": "setup", "model_dir": DIR, "num_classes": 8, "head_dropout": 0.1, "lr": 1e-4, "weight_decay": 0.01,
    "warmup_steps": 10, "total_steps": 1000, "clip_norm": 1.0, "device": "cpu" | "cuda",
-   "matmul_precision": "highest" | "high"}   ("high": float32 matmuls on TF32 tensor cores, JAX's GPU default)
+   "matmul_precision": "highest" | "high",   ("high": float32 matmuls on TF32 tensor cores, JAX's GPU default)
+   "autocast": null | "bfloat16"}            (torch.autocast: mixed precision, the weights staying float32)
   {"op": "train", "batch": {"input_ids": [[...]], "attention_mask": ..., "token_type_ids": ..., "label": [...]},
    "steps": N}                                     -> {"times": [seconds of each step], "loss": last loss}
   {"op": "eval", "batch": {...}, "steps": N}       -> {"times": [...]}   (eval mode, no gradients)
@@ -14,9 +15,12 @@ One JSON command per input line, one JSON answer per output line:
 The model matches jft's `BertClassifier(pooling='mean')`: the pretrained encoder without its pooler, the mean of
 the last hidden states over real tokens, dropout, a new linear head; AdamW with weight decay on everything but
 biases and LayerNorm parameters, gradient clipping by global norm, linear warmup and decay (the Hugging Face
-recipe, `transformers.get_linear_schedule_with_warmup`), dropout on during training.
+recipe, `transformers.get_linear_schedule_with_warmup`), dropout on during training. With "autocast": "bfloat16"
+the forward passes run under `torch.autocast` (PyTorch's mixed precision: matmuls in bf16, softmax, LayerNorm and
+the loss in float32), as jft's `config.model.dtype='bfloat16'` does; bf16 needs no loss scaling.
 """
 
+import contextlib
 import json
 import sys
 import time
@@ -62,10 +66,11 @@ def synchronize(device: str) -> None:
 class Worker:
 
   def setup(self, model_dir, num_classes, head_dropout, lr, weight_decay, warmup_steps, total_steps, clip_norm,
-            device='cpu', matmul_precision='highest'):
+            device='cpu', matmul_precision='highest', autocast=None):
     torch.manual_seed(0)
     torch.set_float32_matmul_precision(matmul_precision)
     self.device = device
+    self.autocast = autocast
     self.model = MeanPoolClassifier(model_dir, num_classes, head_dropout).to(device)
     self.optimizer, self.schedule = make_optimizer(self.model, lr, weight_decay, warmup_steps, total_steps)
     self.clip_norm = clip_norm
@@ -73,13 +78,20 @@ class Worker:
             'threads': torch.get_num_threads(), 'device': self.device_name(),
             'attention': getattr(self.model.encoder.config, '_attn_implementation', None)}
 
+  def precision(self):
+    """The context the forward pass runs in: torch.autocast to `self.autocast`, or nothing (float32)."""
+    if self.autocast is None:
+      return contextlib.nullcontext()
+    return torch.autocast(self.device.split(':')[0], dtype=getattr(torch, self.autocast))
+
   def device_name(self) -> str:
     return torch.cuda.get_device_name(self.device) if self.device.startswith('cuda') else 'cpu'
 
   def train_step(self, inputs, labels) -> float:
     self.model.train()
     self.optimizer.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(self.model(**inputs), labels)
+    with self.precision():
+      loss = torch.nn.functional.cross_entropy(self.model(**inputs), labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
     self.optimizer.step()
@@ -101,7 +113,7 @@ class Worker:
     batch.pop('label', None)
     self.model.eval()
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), self.precision():
       for _ in range(steps):
         start = time.perf_counter()
         self.model(**batch).sum().item()

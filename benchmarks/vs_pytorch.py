@@ -3,7 +3,7 @@ or (--mode=end_to_end) the whole main job.
 
 python benchmarks/vs_pytorch.py [--lengths=32,64,128] [--rounds=5] [--round_size=2]
                                 [--torch_venv=~/.cache/jft/torch-venv] [--batch_size=32] [--model=minilm]
-                                [--matmul_precision=default|float32]
+                                [--matmul_precision=default|float32] [--dtype=float32|bfloat16]
 python benchmarks/vs_pytorch.py --mode=end_to_end [--config=configs/minilm_fortunes.py] [--config.FIELD=VALUE]
 
 Both fine-tune the same classifier on the same batch of 32 token sequences: the pretrained MiniLM encoder,
@@ -17,8 +17,10 @@ fraction of the matmul peak measured in the same run (the best of jax's and PyTo
 
 On a GPU (jax's default backend), PyTorch runs on CUDA too. `--matmul_precision=default` leaves JAX's default,
 which computes float32 matmuls on TF32 tensor cores on recent GPUs, and sets PyTorch's to match ('high');
-`float32` makes both exact float32. `--model=DIR` times any BERT directory of the same shape, e.g. randomly
-initialised weights saved by `transformers` where the pretrained package is not installed.
+`float32` makes both exact float32. `--dtype=bfloat16` runs jft with `config.model.dtype='bfloat16'` and PyTorch
+under `torch.autocast(dtype=torch.bfloat16)`: both mixed precision, the weights and optimizer float32.
+`--model=DIR` times any BERT directory of the same shape, e.g. randomly initialised weights saved by `transformers`
+where the pretrained package is not installed.
 
 End to end: the wall time from launch to the final test metrics of `python -m jft.main --config=...` (a cold
 start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
@@ -57,6 +59,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'examples per training step
 _MODEL = flags.DEFINE_string('model', 'minilm', 'the encoder: a registered name or a Hugging Face BERT directory')
 _MATMUL_PRECISION = flags.DEFINE_enum('matmul_precision', 'default', ['default', 'float32'],
                                       "float32 matmuls: each framework's GPU default (TF32), or exact float32")
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'compute dtype: float32, or bf16 mixed precision in both (jft model.dtype, torch.autocast)')
 _TORCH_VENV = flags.DEFINE_string('torch_venv', '~/.cache/jft/torch-venv',
                                   'virtual environment with torch and transformers; created if missing')
 TORCH_PACKAGES = ('torch==2.13.0', 'transformers', 'numpy')
@@ -223,14 +227,16 @@ def main(_):
     info = worker('setup', model_dir=model_dir, num_classes=NUM_CLASSES, head_dropout=0.1, lr=OPTIM['lr'],
                   weight_decay=OPTIM['weight_decay'], warmup_steps=OPTIM['warmup_steps'], total_steps=1000,
                   clip_norm=OPTIM['clip_norm'], device='cuda' if on_gpu else 'cpu',
-                  matmul_precision='high' if on_gpu and _MATMUL_PRECISION.value == 'default' else 'highest')
+                  matmul_precision='high' if on_gpu and _MATMUL_PRECISION.value == 'default' else 'highest',
+                  autocast=None if _DTYPE.value == 'float32' else _DTYPE.value)
     print(f'machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].device_kind}; PyTorch {info["torch"]} '
           f'on {info["device"]} ({info["threads"]} threads, attention {info["attention"]}), transformers '
-          f'{info["transformers"]}; float32 matmuls: {_MATMUL_PRECISION.value}', flush=True)
+          f'{info["transformers"]}; float32 matmuls: {_MATMUL_PRECISION.value}; compute dtype: {_DTYPE.value}',
+          flush=True)
     batch = _BATCH_SIZE.value
     shapes = [('train', batch, int(length)) for length in _LENGTHS.value if length] + [('eval', 2 * batch, EVAL_LENGTH)]
     for kind, batch_size, length in shapes:
-      setup = MiniLMSetup(batch_size, length, _MODEL.value)
+      setup = MiniLMSetup(batch_size, length, _MODEL.value, _DTYPE.value)
       torch_batch = as_lists(setup.batch)
       if kind == 'train':
         jft_run, compile_s = jft_train(setup)
@@ -264,8 +270,8 @@ def main(_):
     print(f'{row["kind"]:6s} {row["batch"]:>4d} x {row["length"]:<3d} {row["jft_s"]:7.3f} {row["torch_s"]:9.3f} '
           f'{row["ratio"]:11.2f} {jft_fraction:9.1%} {torch_fraction:13.1%} {compile_s:>13s}')
   print(json.dumps({'machine': machine(), 'device': jax.devices()[0].device_kind, 'torch_device': info['device'],
-                    'matmul_precision': _MATMUL_PRECISION.value, 'jax_peak': jax_peak, 'torch_peak': torch_peak,
-                    'rows': rows}))
+                    'matmul_precision': _MATMUL_PRECISION.value, 'dtype': _DTYPE.value, 'jax_peak': jax_peak,
+                    'torch_peak': torch_peak, 'rows': rows}))
 
 
 if __name__ == '__main__':
