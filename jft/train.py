@@ -67,7 +67,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = components.build_model(config, **process)
   apply_fn = model.apply_fn
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  abstract_params = jax.eval_shape(model.init_variables, init_rng)[0]
+  # The model's initialisation traced once for its shapes: every stage's state shapes follow from these.
+  abstract_variables = jax.eval_shape(model.init_variables, init_rng)  # (params, model state)
+  abstract_params = abstract_variables[0]
   param_specs = components.param_specs(config, abstract_params, mesh)
   stages = stages_lib.plan(config, abstract_params)
   pruner = components.build_pruner(config, abstract_params, stages)
@@ -78,7 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     loss_fn = distill.make_loss(config.distill.weight, config.distill.temperature)
 
   make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, train_rng)
-  abstract_state = lambda tx: jax.eval_shape(lambda rng: make_state(*model.init_variables(rng), tx), init_rng)
+  abstract_state = lambda tx: jax.eval_shape(lambda variables: make_state(*variables, tx), abstract_variables)
 
   def compile_stage(stage: stages_lib.Stage) -> stages_lib.CompiledStage:
     pruning_options = pruner.optimizer_options(stage.first_step, stage.last_step,
