@@ -73,7 +73,7 @@ RECIPES = {
     'gmp*-fisher': dict(GMP_STAR, criterion='fisher'),
 }
 TEACHER_WEIGHT, TEMPERATURE = 1.0, 2.0
-LORA_RUN = 'minilm_fortunes_lora'  # experiments/peft.py's LoRA rank 8
+LORA_RUN = 'minilm_fortunes_lora'  # experiments/peft.py's LoRA rank 8 (seed 0; _seedN: the others)
 MODULES = ('embeddings', 'encoder', 'head')  # the top-level modules of the sizes table
 
 
@@ -232,11 +232,14 @@ def plot(points: dict, quick: bool, suffix: str):
       axis.errorbar(table[weights][-1]['compressed_bytes'] / 1e6, 100 * np.mean(values),
                     yerr=100 * np.std(values, ddof=1) if len(values) > 1 else None, color=f'C{color}', marker=marker,
                     capsize=4, linestyle='none', label=f'{label}, {weights} (n={len(values)})')
-  lora = [line for line in read_metrics(LORA_RUN) if line['split'] == 'test'] if not quick else []
+  lora_runs = [LORA_RUN] + [f'{LORA_RUN}_seed{seed}' for seed in range(1, 10)] if not quick else []
+  lora = [tests[-1]['accuracy'] for name in lora_runs
+          if (tests := [line for line in read_metrics(name) if line['split'] == 'test'])]
   if lora:
     trainable, _ = footprint(load_config(CONFIG + ':lora'))
-    axis.errorbar(trainable * 4 / 1e6, 100 * lora[-1]['accuracy'], color='black', marker='^', linestyle='none',
-                  label='LoRA rank 8: adapters + head in float32,\non a shared pretrained base (n=1)')
+    axis.errorbar(trainable * 4 / 1e6, 100 * np.mean(lora), yerr=100 * np.std(lora, ddof=1) if len(lora) > 1 else None,
+                  color='black', marker='^', capsize=4, linestyle='none',
+                  label=f'LoRA rank 8: adapters + head in float32,\non a shared pretrained base (n={len(lora)})')
   axis.set_xscale('log')
   axis.set_xticks([1, 2, 5, 10, 20, 50, 100])
   axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
