@@ -22,7 +22,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
   RESULTS,
-  check_reused,
   correct,
   evaluated,
   interval_cell,
@@ -30,23 +29,14 @@ from common import (  # noqa: E402
   mcnemar_cells,
   mean_std,
   read_metrics,
-  run_jft,
 )
-from compression import dense_name  # noqa: E402
+from compression import CONFIG, dense_name, run  # noqa: E402
 
 from jft import metrics  # noqa: E402
-
-CONFIG = 'configs/minilm_fortunes.py'
 
 
 def short_name(steps: int, seed: int, quick: bool) -> str:
   return f'minilm_fortunes_steps{steps}' + ('_quick' if quick else '') + (f'_seed{seed}' if seed else '')
-
-
-def run(name: str, quick: bool, overrides: list[str]) -> dict:
-  spec = CONFIG + (':quick' if quick else '')
-  check_reused(name, load_config(spec, *overrides))
-  return run_jft(name, spec, *overrides)
 
 
 def curve(name: str) -> list[tuple[int, float]]:
