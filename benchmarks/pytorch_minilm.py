@@ -11,6 +11,8 @@ One JSON command per input line, one JSON answer per output line:
    "steps": N}                                     -> {"times": [seconds of each step], "loss": last loss}
   {"op": "eval", "batch": {...}, "steps": N}       -> {"times": [...]}   (eval mode, no gradients)
   {"op": "matmul", "size": 2048, "repeats": 10}    -> {"flop_per_s": best of the repeats}
+  {"op": "profile", "batch": {...}, "steps": N}    -> {"ops": {aten op: self CPU ms per step}, "wall_ms": per step}
+                                                      (torch.profiler over N training steps after one warm-up)
   {"op": "quit"}
 The model matches jft's `BertClassifier(pooling='mean')`: the pretrained encoder without its pooler, the mean of
 the last hidden states over real tokens, dropout, a new linear head; AdamW with weight decay on everything but
@@ -119,6 +121,18 @@ class Worker:
         self.model(**batch).sum().item()
         times.append(time.perf_counter() - start)
     return {'times': times}
+
+  def profile(self, batch, steps):
+    batch = tensors(batch, self.device)
+    labels = batch.pop('label')
+    self.train_step(batch, labels)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+      start = time.perf_counter()
+      for _ in range(steps):
+        self.train_step(batch, labels)
+      wall = time.perf_counter() - start
+    ops = {event.key: event.self_cpu_time_total / 1e3 / steps for event in profiler.key_averages()}
+    return {'ops': ops, 'wall_ms': 1e3 * wall / steps}
 
   def matmul(self, size, repeats):
     a, b = torch.randn(size, size, device=self.device), torch.randn(size, size, device=self.device)

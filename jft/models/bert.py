@@ -5,9 +5,10 @@ Parameter paths (what freezing, lr and pruning rules match against):
   encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}, encoder/layer_{i}/attention/layer_norm
   encoder/layer_{i}/mlp/{intermediate,output}/{kernel,bias}, encoder/layer_{i}/mlp/layer_norm
   pooler/{kernel,bias}, and for the classifier head/{kernel,bias}
-Query, key and value stay separate parameters (users freeze and prune them one by one) but are
-concatenated inside the step into one projection: one large matmul runs much closer to the CPU's peak
-than three small ones. Attention runs in a (batch, head, token, dim) layout for the same reason.
+Query, key and value stay separate parameters (users freeze and prune them one by one). Every dense layer's
+matmul is `dense.matmul`, whose weight gradient XLA's CPU backend runs at full speed; the attention context stays
+in a (batch, head, token, head_dim) layout and the output projection contracts heads and head_dim at once, with
+no transpose of the context in between (benchmarks/README.md).
 
 `dtype='bfloat16'` runs the embeddings' output, the residual stream, every dense layer and both attention matmuls
 in bf16 with float32 parameters; the attention softmax (with its mask bias), the LayerNorm statistics, the hidden
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from jft import config_checks, model_files
 from jft.errors import UserError
 from jft.models import precision
+from jft.models.dense import Dense, matmul
 from jft.models.dropout import Dropout
 
 ACTIVATIONS = {
@@ -122,8 +124,8 @@ def _layer_norm(config: BertConfig, name: str, dtype: Any = jnp.float32) -> nn.L
   return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def _dense(config: BertConfig, features: int, name: str, dtype: Any = jnp.float32) -> nn.Dense:
-  return nn.Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), dtype=dtype, name=name)
+def _dense(config: BertConfig, features: int, name: str, dtype: Any = jnp.float32) -> Dense:
+  return Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), dtype=dtype, name=name)
 
 
 class SelfAttention(nn.Module):
@@ -135,16 +137,19 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, train: bool) -> jax.Array:
     config = self.config
-    batch, length, hidden = x_BxLxD.shape
+    hidden = x_BxLxD.shape[-1]
     heads = config.num_attention_heads
     head_dim = hidden // heads
-    # Each projection maps straight to [batch, length, heads, head_dim] and the attention contracts in that
-    # layout: XLA picks the dot layouts itself, with none of the [3, B, H, L, K] transposes of a fused QKV
-    # (0.91-0.94 of the step on CPU, benchmarks/README.md).
-    def project(name: str) -> jax.Array:
+    # The projections are `dense.matmul`s viewed as [batch, length, heads, head_dim]; the context comes out of the
+    # second attention einsum as [batch, heads, length, head_dim] and the output projection contracts (heads,
+    # head_dim) straight from there, with no transpose back to [batch, length, hidden] (benchmarks/README.md).
+    def kernel_and_bias(name: str) -> tuple[jax.Array, jax.Array]:
       kernel, bias = LinearParams(hidden, hidden, config.initializer_range, name=name)()
-      kernel_DxHxK = kernel.reshape(hidden, heads, head_dim).astype(self.dtype)
-      return jnp.einsum('bld,dhk->blhk', x_BxLxD, kernel_DxHxK) + bias.reshape(heads, head_dim).astype(self.dtype)
+      return kernel.astype(self.dtype), bias.astype(self.dtype)
+
+    def project(name: str) -> jax.Array:
+      kernel, bias = kernel_and_bias(name)
+      return (matmul(x_BxLxD, kernel) + bias).reshape(*x_BxLxD.shape[:2], heads, head_dim)
 
     query_BxLxHxK, key_BxLxHxK, value_BxLxHxK = project('query'), project('key'), project('value')
     # Scores, the float32 mask bias and the softmax in float32, whatever the compute dtype.
@@ -152,8 +157,9 @@ class SelfAttention(nn.Module):
                       ).astype(jnp.float32)
     probs = jax.nn.softmax(scores_BxHxLxL + mask_bias_Bx1x1xL, axis=-1).astype(self.dtype)
     probs = Dropout(config.attention_probs_dropout_prob, deterministic=not train)(probs)
-    context_BxLxD = jnp.einsum('bhqs,bshk->bqhk', probs, value_BxLxHxK).reshape(batch, length, hidden)
-    out = _dense(config, hidden, 'output', self.dtype)(context_BxLxD)
+    context_BxHxLxK = jnp.einsum('bhqs,bshk->bhqk', probs, value_BxLxHxK)
+    kernel, bias = kernel_and_bias('output')
+    out = jnp.einsum('bhqk,hkd->bqd', context_BxHxLxK, kernel.reshape(heads, head_dim, hidden)) + bias
     out = Dropout(config.hidden_dropout_prob, deterministic=not train)(out)
     return _layer_norm(config, 'layer_norm', self.dtype)(x_BxLxD + out)
 
