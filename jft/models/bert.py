@@ -5,9 +5,9 @@ Parameter paths (what freezing, lr and pruning rules match against):
   encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}, encoder/layer_{i}/attention/layer_norm
   encoder/layer_{i}/mlp/{intermediate,output}/{kernel,bias}, encoder/layer_{i}/mlp/layer_norm
   pooler/{kernel,bias}, and for the classifier head/{kernel,bias}
-Query, key and value stay separate parameters (users freeze and prune them one by one). Every dense layer's
-matmul is `dense.matmul`, whose weight gradient XLA's CPU backend runs at full speed; the attention context stays
-in a (batch, head, token, head_dim) layout and the output projection contracts heads and head_dim at once, with
+Query, key and value stay separate parameters (users freeze and prune them one by one). The encoder's dense
+layers multiply with `dense.matmul`, whose weight gradient XLA's CPU backend runs at full speed; the attention's
+output projection instead contracts heads and head_dim of the (batch, head, token, head_dim) context at once, with
 no transpose of the context in between (benchmarks/README.md).
 
 `dtype='bfloat16'` runs the embeddings' output, the residual stream, every dense layer and both attention matmuls
