@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jft import config_checks, model_files
 from jft.errors import UserError
 from jft.models import precision
-from jft.models.dense import Dense, matmul
+from jft.models.dense import Dense
 from jft.models.dropout import Dropout
 
 ACTIVATIONS = {
@@ -140,16 +140,11 @@ class SelfAttention(nn.Module):
     hidden = x_BxLxD.shape[-1]
     heads = config.num_attention_heads
     head_dim = hidden // heads
-    # The projections are `dense.matmul`s viewed as [batch, length, heads, head_dim]; the context comes out of the
+    # The projections are `Dense` layers viewed as [batch, length, heads, head_dim]; the context comes out of the
     # second attention einsum as [batch, heads, length, head_dim] and the output projection contracts (heads,
     # head_dim) straight from there, with no transpose back to [batch, length, hidden] (benchmarks/README.md).
-    def kernel_and_bias(name: str) -> tuple[jax.Array, jax.Array]:
-      kernel, bias = LinearParams(hidden, hidden, config.initializer_range, name=name)()
-      return kernel.astype(self.dtype), bias.astype(self.dtype)
-
     def project(name: str) -> jax.Array:
-      kernel, bias = kernel_and_bias(name)
-      return (matmul(x_BxLxD, kernel) + bias).reshape(*x_BxLxD.shape[:2], heads, head_dim)
+      return _dense(config, hidden, name, self.dtype)(x_BxLxD).reshape(*x_BxLxD.shape[:2], heads, head_dim)
 
     query_BxLxHxK, key_BxLxHxK, value_BxLxHxK = project('query'), project('key'), project('value')
     # Scores, the float32 mask bias and the softmax in float32, whatever the compute dtype.
@@ -158,8 +153,9 @@ class SelfAttention(nn.Module):
     probs = jax.nn.softmax(scores_BxHxLxL + mask_bias_Bx1x1xL, axis=-1).astype(self.dtype)
     probs = Dropout(config.attention_probs_dropout_prob, deterministic=not train)(probs)
     context_BxHxLxK = jnp.einsum('bhqs,bshk->bhqk', probs, value_BxLxHxK)
-    kernel, bias = kernel_and_bias('output')
-    out = jnp.einsum('bhqk,hkd->bqd', context_BxHxLxK, kernel.reshape(heads, head_dim, hidden)) + bias
+    kernel, bias = LinearParams(hidden, hidden, config.initializer_range, name='output')()
+    kernel_HxKxD = kernel.reshape(heads, head_dim, hidden).astype(self.dtype)
+    out = jnp.einsum('bhqk,hkd->bqd', context_BxHxLxK, kernel_HxKxD) + bias.astype(self.dtype)
     out = Dropout(config.hidden_dropout_prob, deterministic=not train)(out)
     return _layer_norm(config, 'layer_norm', self.dtype)(x_BxLxD + out)
 
