@@ -15,7 +15,7 @@ from absl import app, flags
 from minilm_setup import MiniLMSetup
 from timing import interleaved_times
 
-from jft import tree_paths
+from jft import host_memory, tree_paths
 
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'examples per step')
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example')
@@ -30,6 +30,7 @@ FREEZE = {
 
 
 def main(_):
+  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
   setup = MiniLMSetup(_BATCH.value, _LENGTH.value)
   runs = {name: list(setup.state_and_step(freeze)) for name, freeze in FREEZE.items()}
 

@@ -15,12 +15,15 @@ import jax
 from absl import app, flags
 from minilm_setup import NUM_CLASSES, MiniLMSetup, forward_flops, matmul_peak_flops
 
+from jft import host_memory
+
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'examples per step')
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps after the warm-up')
 
 
 def main(_):
+  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
   batch_size, length = _BATCH.value, _LENGTH.value
   setup = MiniLMSetup(batch_size, length)
   state, train_step = setup.state_and_step()

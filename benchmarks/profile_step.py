@@ -20,7 +20,7 @@ from absl import app, flags
 from jax._src.lib import _profile_data
 from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup
 
-from jft import model_files
+from jft import host_memory, model_files
 
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example (batch 32)')
 _TOP = flags.DEFINE_integer('top', 30, 'rows of each table')
@@ -64,6 +64,7 @@ def profile_pytorch(setup: MiniLMSetup) -> None:
 
 
 def main(_):
+  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
   setup = MiniLMSetup(32, _LENGTH.value)
   if _PYTORCH.value:
     profile_pytorch(setup)

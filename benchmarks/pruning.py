@@ -16,7 +16,7 @@ from absl import app, flags
 from minilm_setup import MiniLMSetup
 from timing import interleaved_times
 
-from jft import pruning
+from jft import host_memory, pruning
 
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'examples per step')
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example')
@@ -26,6 +26,7 @@ _SPARSITY = flags.DEFINE_float('sparsity', 0.9, 'sparsity of the pruned model')
 
 
 def main(_):
+  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
   setup = MiniLMSetup(_BATCH.value, _LENGTH.value)
   prunable = pruning.prunable(setup.params)
   runs = {'dense': list(setup.state_and_step()), 'pruned': list(setup.state_and_step(prunable=prunable))}

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from timing import interleaved_times
 
-from jft import data, models, optim, sharding
+from jft import data, host_memory, models, optim, sharding
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn, split_variables
 from jft.state import create_train_state
@@ -41,6 +41,7 @@ def make_bare_step(module, tx):
 
 
 def main(_):
+  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
   config = _CONFIG.value
   module = models.get_model(config.model, data.num_classes(config.data.name, config.data.data_dir))
   tx = optim.make_optimizer(config.optim, config.total_steps)

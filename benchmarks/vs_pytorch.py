@@ -45,7 +45,7 @@ from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup, forward_flops, matmul_
 from ml_collections import config_flags
 from timing import machine
 
-from jft import model_files
+from jft import host_memory, model_files
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn
 
@@ -214,6 +214,7 @@ def end_to_end(python: str) -> None:
 
 
 def main(_):
+  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
   python = torch_python(_TORCH_VENV.value)
   if _MODE.value == 'end_to_end':
     return end_to_end(python)

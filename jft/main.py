@@ -17,7 +17,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jft import cli_errors, compilation_cache, distributed
+from jft import cli_errors, compilation_cache, distributed, host_memory
 from jft.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
@@ -68,6 +68,7 @@ def main() -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail('both --config=configs/NAME.py[:ARG] and --workdir=DIR are required')
   logging.use_absl_handler()
+  host_memory.reexec_with_huge_pages()  # glibc reads it only at start: before JAX (jft/host_memory.py)
   import jax  # noqa: I001 (heavy: only once the command line is known to be well-formed)
 
   from jft import divergence, preemption, train

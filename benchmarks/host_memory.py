@@ -1,0 +1,86 @@
+"""What jft/host_memory.py buys: the MiniLM fine-tuning step with XLA's large host buffers on transparent huge
+pages (`glibc.malloc.hugetlb=1`, what `python -m jft.main` sets) against glibc's default 4 KiB pages.
+
+python benchmarks/host_memory.py [--lengths=64,128] [--rounds=3] [--steps=6]
+
+Each measurement is a fresh process (glibc reads the setting at start only), the two settings alternating, one
+process of each per round, so noise hits both alike. Prints per shape and setting the median step time, the minor
+page faults and system CPU seconds per step (`getrusage`), and the process's peak resident memory; then the step
+time ratio huge pages / default.
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from timing import machine
+
+from jft import host_memory
+
+_LENGTHS = flags.DEFINE_list('lengths', ['64', '128'], 'sequence lengths of the training step (batch 32)')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'processes of each setting per shape')
+_STEPS = flags.DEFINE_integer('steps', 6, 'timed steps per process, after two warm-up steps')
+_WORKER_LENGTH = flags.DEFINE_integer('worker_length', 0, 'internal: time the step at this length in this process')
+SETTINGS = {'default pages': {host_memory.OFF_VARIABLE: '0'}, 'huge pages': {}}
+
+
+def time_steps(length: int, steps: int) -> dict:
+  """Times the jitted MiniLM step in this process (restarted with huge pages unless JFT_HUGE_PAGES=0)."""
+  host_memory.reexec_with_huge_pages()
+  import jax  # noqa: PLC0415 (after the restart)
+  from minilm_setup import MiniLMSetup  # noqa: PLC0415
+
+  setup = MiniLMSetup(32, length)
+  state, train_step = setup.state_and_step()
+  compiled = train_step.lower(state, setup.device_batch).compile()
+  for _ in range(2):
+    state, metrics = compiled(state, setup.device_batch)
+    jax.block_until_ready(metrics)
+  times, faults, system = [], [], []
+  for _ in range(steps):
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    state, metrics = compiled(state, setup.device_batch)
+    jax.block_until_ready(metrics)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    times.append(time.perf_counter() - start)
+    faults.append(after.ru_minflt - before.ru_minflt)
+    system.append(after.ru_stime - before.ru_stime)
+  return {'huge_pages': host_memory.active(), 'step_s': times, 'faults': faults, 'system_s': system,
+          'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_worker(length: int, steps: int, environ: dict[str, str]) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', host_memory.OFF_VARIABLE)}
+  command = [sys.executable, __file__, f'--worker_length={length}', f'--steps={steps}']
+  result = subprocess.run(command, env={**env, **environ}, capture_output=True, text=True, check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(_):
+  if _WORKER_LENGTH.value:
+    print(json.dumps(time_steps(_WORKER_LENGTH.value, _STEPS.value)))
+    return
+  print(f'machine: {machine()}; {host_memory.glibc_version()=}, transparent huge pages: '
+        f'{host_memory.transparent_huge_pages_mode()}', flush=True)
+  print(f'{"shape":>9s} {"setting":>13s} {"step s":>7s} {"faults/step":>11s} {"sys s/step":>10s} {"peak RSS MB":>11s}')
+  for length in map(int, _LENGTHS.value):
+    results = {name: [] for name in SETTINGS}
+    for _ in range(_ROUNDS.value):
+      for name, environ in SETTINGS.items():
+        results[name].append(run_worker(length, _STEPS.value, environ))
+    for name, runs in results.items():
+      median = lambda key, runs=runs: statistics.median(x for run in runs for x in run[key])
+      print(f'{32:>4d} x {length:<3d} {name:>13s} {median("step_s"):7.3f} {median("faults"):11.0f} '
+            f'{median("system_s"):10.3f} {max(run["peak_rss_mb"] for run in runs):11.0f}', flush=True)
+    ratio = statistics.median(x for run in results['huge pages'] for x in run['step_s']) / statistics.median(
+        x for run in results['default pages'] for x in run['step_s'])
+    print(f'{32:>4d} x {length:<3d} huge pages / default pages: {ratio:.2f}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
