@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from typing import Any
 
 import jax
@@ -40,6 +41,7 @@ class DamagedCheckpoint(Exception):
     self.step = step
 
 
+PARTIAL_REMOVAL_TRIES = 20  # passes over a failed save's unfinished directories, 50 ms apart
 # What a save's root cause says when the storage, not jft, failed.
 _STORAGE_FAILURES = ('No space left on device', 'RESOURCE_EXHAUSTED', 'Disk quota exceeded', 'Read-only file system',
                      'Permission denied', 'PERMISSION_DENIED')
@@ -236,14 +238,26 @@ class Checkpoints:
         raise
       failed = getattr(self, '_saving', None)
       if jax.process_index() == 0:
-        for partial in self.directory.glob('*.orbax-checkpoint-tmp*'):  # only this run's unfinished writes
-          shutil.rmtree(partial, ignore_errors=True)
+        self._remove_partial_writes()
       intact = ', '.join(map(str, self.all_steps())) or 'none'
       raise UserError(
           f'saving the checkpoint of step {failed} in {self.directory} failed: {sign} ({cause[:300]}...). The '
           f'checkpoints saved before it are intact (steps: {intact}); its partial files were removed. Free space on '
           'that disk or fix its permissions (or run again with a --workdir elsewhere), then run the same command: it '
           'resumes from the latest of them') from None
+
+  def _remove_partial_writes(self) -> None:
+    """Removes the unfinished checkpoint directories of this run's failed save. orbax's other writer threads may
+    still be finishing files of it when the first one fails: wait for them, then remove until none is left."""
+    with contextlib.suppress(Exception):  # the same failure again, or another of the same save
+      self.manager.wait_until_finished()
+    for _ in range(PARTIAL_REMOVAL_TRIES):
+      partials = list(self.directory.glob('*.orbax-checkpoint-tmp*'))
+      if not partials:
+        return
+      for partial in partials:
+        shutil.rmtree(partial, ignore_errors=True)
+      time.sleep(0.05)
 
   def close(self) -> None:
     self.manager.close()
