@@ -10,7 +10,11 @@ Both fine-tune the same classifier on the same batch of 32 token sequences: the 
 mean pooling, a new 8-way head, dropout on, AdamW with linear warmup/decay, clipping at global norm 1.0.
 PyTorch runs in its own process (benchmarks/pytorch_minilm.py) inside its own virtual environment, created on
 first use with `torch==2.13.0` (CPU wheel) and `transformers`; jft never imports torch. The two take turns in
-rounds (`round_size` steps of one, then of the other) so that noise on a shared machine hits both alike.
+rounds (`round_size` steps of one, then of the other) so that noise on a shared machine hits both alike. Each
+turn starts with one more step that is timed apart (`first step of a turn`): it maps again memory the other
+process just used and gave back, a cost neither program has when it runs alone (on the 2-core VMs here jft's first
+step of a turn at 32 x 128 spent 3.3-4.1 s of system time mapping its 1.6 GB of temporaries, the next 0.13-0.23 s;
+benchmarks/README.md).
 Prints, per shape, each median step time, the ratio jft / PyTorch and each one's achieved matmul FLOP/s as a
 fraction of the matmul peak measured in the same run (the best of jax's and PyTorch's 2048^3 float32 matmul,
 8192^3 on a GPU), then the same for the eval-mode forward pass at (2 x batch_size) x 64.
@@ -51,7 +55,7 @@ from jft.apply_fn import linen_apply_fn
 
 _LENGTHS = flags.DEFINE_list('lengths', ['32', '64', '128'], 'sequence lengths of the training steps (batch 32)')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'turns each framework takes per shape')
-_ROUND_SIZE = flags.DEFINE_integer('round_size', 2, 'steps per turn')
+_ROUND_SIZE = flags.DEFINE_integer('round_size', 2, 'timed steps per turn, after its first')
 _MODE = flags.DEFINE_enum('mode', 'steps', ['steps', 'end_to_end'], 'step times, or the whole main job')
 DEFAULT_CONFIG = 'configs/minilm_fortunes.py'
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'the job of --mode=end_to_end')
@@ -145,13 +149,18 @@ def jft_eval(setup: MiniLMSetup):
   return run
 
 
-def take_turns(jft_run, torch_run, rounds: int, round_size: int) -> tuple[list[float], list[float]]:
+def take_turns(jft_run, torch_run, rounds: int, round_size: int) -> tuple[list[float], ...]:
+  """(jft's, PyTorch's) step times after the first of each turn, then (jft's, PyTorch's) first steps of the turns."""
   jft_run(1), torch_run(1)  # warm-up: first calls allocate
-  jft_times, torch_times = [], []
+  jft_times, torch_times, jft_first, torch_first = [], [], [], []
   for _ in range(rounds):
-    jft_times += jft_run(round_size)
-    torch_times += torch_run(round_size)
-  return jft_times, torch_times
+    first, *rest = jft_run(round_size + 1)
+    jft_first.append(first)
+    jft_times += rest
+    first, *rest = torch_run(round_size + 1)
+    torch_first.append(first)
+    torch_times += rest
+  return jft_times, torch_times, jft_first, torch_first
 
 
 def export_texts(config, path: str) -> None:
@@ -247,14 +256,17 @@ def main(_):
         jft_run, compile_s = jft_eval(setup), None
         torch_run = lambda n, b=torch_batch: worker('eval', batch=b, steps=n)['times']
         flops = forward_flops(setup.config, batch_size, length, NUM_CLASSES)
-      jft_times, torch_times = take_turns(jft_run, torch_run, _ROUNDS.value, _ROUND_SIZE.value)
+      jft_times, torch_times, jft_first, torch_first = take_turns(jft_run, torch_run, _ROUNDS.value,
+                                                                  _ROUND_SIZE.value)
       row = {'kind': kind, 'batch': batch_size, 'length': length, 'flops': flops, 'compile_s': compile_s,
              'jft_s': statistics.median(jft_times), 'torch_s': statistics.median(torch_times),
-             'jft_s_range': [min(jft_times), max(jft_times)], 'torch_s_range': [min(torch_times), max(torch_times)]}
+             'jft_s_range': [min(jft_times), max(jft_times)], 'torch_s_range': [min(torch_times), max(torch_times)],
+             'jft_first_s': statistics.median(jft_first), 'torch_first_s': statistics.median(torch_first)}
       row['ratio'] = row['jft_s'] / row['torch_s']
       rows.append(row)
       print(f'{kind} {batch_size} x {length}: jft {row["jft_s"]:.3f} s, PyTorch {row["torch_s"]:.3f} s, '
-            f'jft / PyTorch {row["ratio"]:.2f}', flush=True)
+            f'jft / PyTorch {row["ratio"]:.2f} (first step of a turn: jft {row["jft_first_s"]:.3f} s, PyTorch '
+            f'{row["torch_first_s"]:.3f} s)', flush=True)
     peak_size = 8192 if on_gpu else 2048  # a GPU needs a larger product to reach its peak
     jax_peak = matmul_peak_flops(peak_size)
     torch_peak = worker('matmul', size=peak_size, repeats=10)['flop_per_s']
