@@ -62,7 +62,8 @@ def should_reexec(environ: Mapping[str, str], glibc: tuple[int, int] | None, thp
 
 def reexec_with_huge_pages() -> None:
   """Restarts this program with `glibc.malloc.hugetlb=1` where that helps (see the module docstring); returns
-  only where it does not. Call it first thing, before JAX is imported or anything is written."""
+  only where it does not. Call it first thing, before JAX is imported or anything is written, and only from a
+  program's own entry point: it starts the whole process (`sys.orig_argv`) again."""
   if not should_reexec(os.environ, glibc_version(), transparent_huge_pages_mode()):
     return
   environ = {**os.environ, 'GLIBC_TUNABLES': with_huge_pages(os.environ.get('GLIBC_TUNABLES', ''))}

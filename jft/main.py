@@ -68,7 +68,8 @@ def main() -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail('both --config=configs/NAME.py[:ARG] and --workdir=DIR are required')
   logging.use_absl_handler()
-  host_memory.reexec_with_huge_pages()  # glibc reads it only at start: before JAX (jft/host_memory.py)
+  if __name__ == '__main__':  # run as the program (python -m jft.main), not called from a user's own script
+    host_memory.reexec_with_huge_pages()  # glibc reads it only at start: before JAX (jft/host_memory.py)
   import jax  # noqa: I001 (heavy: only once the command line is known to be well-formed)
 
   from jft import divergence, preemption, train
