@@ -73,13 +73,14 @@ def main(_):
     for _ in range(_ROUNDS.value):
       for name, environ in SETTINGS.items():
         results[name].append(run_worker(length, _STEPS.value, environ))
+    step_s = {}
     for name, runs in results.items():
       median = lambda key, runs=runs: statistics.median(x for run in runs for x in run[key])
-      print(f'{32:>4d} x {length:<3d} {name:>13s} {median("step_s"):7.3f} {median("faults"):11.0f} '
+      step_s[name] = median('step_s')
+      print(f'{32:>4d} x {length:<3d} {name:>13s} {step_s[name]:7.3f} {median("faults"):11.0f} '
             f'{median("system_s"):10.3f} {max(run["peak_rss_mb"] for run in runs):11.0f}', flush=True)
-    ratio = statistics.median(x for run in results['huge pages'] for x in run['step_s']) / statistics.median(
-        x for run in results['default pages'] for x in run['step_s'])
-    print(f'{32:>4d} x {length:<3d} huge pages / default pages: {ratio:.2f}', flush=True)
+    print(f'{32:>4d} x {length:<3d} huge pages / default pages: '
+          f'{step_s["huge pages"] / step_s["default pages"]:.2f}', flush=True)
 
 
 if __name__ == '__main__':
