@@ -49,10 +49,13 @@ _STORAGE_FAILURES = ('No space left on device', 'RESOURCE_EXHAUSTED', 'Disk quot
 
 class _StorageFailureLogs(std_logging.Filter):
   """Drops orbax's own error logs (each with a traceback, from each of its writer threads) of a save that failed
-  on the storage: `Checkpoints` reports that failure once, in plain words."""
+  on the storage, and asyncio's "Task exception was never retrieved" reports of orbax's other writer tasks of that
+  save (printed when the tasks are collected, often at exit): `Checkpoints` reports that failure once, in plain
+  words."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if 'orbax' not in record.pathname or record.levelno < std_logging.ERROR:
+    from_orbax = 'orbax' in record.pathname or (record.name == 'asyncio' and 'orbax' in record.getMessage())
+    if not from_orbax or record.levelno < std_logging.ERROR:
       return True
     error = record.exc_info[1] if record.exc_info else None
     text = record.getMessage() + (_root_cause(error, limit=None) if error else '')
@@ -130,9 +133,9 @@ class Checkpoints:
                     config=ocp.JsonCheckpointHandler(), fingerprint=ocp.JsonCheckpointHandler(),
                     progress=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    absl_logger = logging.get_absl_logger()
-    if not any(isinstance(f, _StorageFailureLogs) for f in absl_logger.filters):
-      absl_logger.addFilter(_StorageFailureLogs())
+    for logger in (logging.get_absl_logger(), std_logging.getLogger('asyncio')):
+      if not any(isinstance(f, _StorageFailureLogs) for f in logger.filters):
+        logger.addFilter(_StorageFailureLogs())
     _drop_reports_of_failed_background_io()
 
   def latest_step(self) -> int | None:

@@ -1,3 +1,7 @@
+import asyncio
+import gc
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +77,28 @@ def test_best_checkpoint_survives_a_restart(tmp_path):
   second.wait()
   assert second.all_steps() == [1, 3]
   assert second.best_step() == 1
+
+
+def test_asyncio_reports_of_the_other_writers_of_a_failed_save_are_dropped_and_others_kept(tmp_path, caplog):
+  # When one of orbax's writer tasks fails (disk full), asyncio reports each other failed task when it is
+  # collected, with a traceback, often at exit after jft's own message (seen in CI). The coroutine's name carries
+  # 'orbax' as orbax's own do in asyncio's report ("coro=<...> defined at .../orbax/...").
+  Checkpoints(str(tmp_path))  # installs the filter
+
+  async def orbax_like_write(message):
+    raise ValueError(message)
+
+  def report_of_a_task_never_retrieved(message):
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(orbax_like_write(message))
+    loop.run_until_complete(asyncio.wait([task]))
+    loop.close()
+    del task
+    gc.collect()
+
+  with caplog.at_level(logging.ERROR, logger='asyncio'):
+    report_of_a_task_never_retrieved('RESOURCE_EXHAUSTED: Failed to write 3440640 bytes: No space left on device')
+    assert not [r for r in caplog.records if 'never retrieved' in r.getMessage()]
+    report_of_a_task_never_retrieved('a bug of its own')  # not a storage failure: still reported
+    reported = [r for r in caplog.records if 'never retrieved' in r.getMessage()]
+    assert len(reported) == 1 and 'a bug of its own' in str(reported[0].exc_info[1])
