@@ -10,6 +10,7 @@ Running the same command again in the same DIR resumes from the latest checkpoin
 """
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -74,6 +75,10 @@ def main() -> None:
 
   from jft import divergence, preemption, train
 
+  # What the imports built (JAX, flax, optax, orbax, tfds: some 220,000 objects the collector tracks) lives as
+  # long as the run: the collector's full passes, which tracing the steps sets off several times, need not walk it
+  # again (benchmarks/README.md, Outside the step).
+  gc.freeze()
   compilation_cache.enable(_COMPILATION_CACHE.value)
   try:
     distributed.initialize_from_flags()  # before anything asks jax about devices

@@ -1,5 +1,6 @@
 """The pure train and eval steps, and their one `jax.jit` over the device mesh."""
 
+import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
@@ -131,6 +132,18 @@ def jit_train_step(train_step: Callable, mesh: Mesh,
   state_sharding = replicated if state_sharding is None else state_sharding
   return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def compile_in_background(jitted: Callable, *abstract_args: Any) -> concurrent.futures.Future:
+  """Traces and lowers `jitted` for `abstract_args` (shape-dtype structs with shardings, or arrays) here, then
+  compiles it, or loads it from the compilation cache, on a thread: XLA does that without the GIL, so the caller
+  can meanwhile build the real arguments in Python. Once the future is done, a call of `jitted` on arguments of
+  those shapes and shardings runs that program (neither traced nor compiled again)."""
+  lowered = jitted.lower(*abstract_args)
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='jft-compile')
+  compiling = pool.submit(lowered.compile)
+  pool.shutdown(wait=False)
+  return compiling
 
 
 def jit_eval_step(eval_step: Callable, mesh: Mesh,

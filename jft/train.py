@@ -110,7 +110,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
     return runner, checkpoints.restore(step, target)
 
-  resume_step, restored = None, None
+  def on_mesh(local_batch):
+    """A host's batch as the step sees it: on the mesh, with what the hooks add (e.g. a teacher's logits)."""
+    batch = sharding.put_batch(local_batch, mesh)
+    for hook in hooks:
+      batch = hook.on_batch(batch)
+    return batch
+
+  resume_step, restored, first_batch, compiling = None, None, None, None
   for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
     try:
       runner, restored = restore(step)
@@ -125,8 +132,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f'{workdir / "damaged_checkpoints"}), so this run cannot resume: give a new --workdir to start '
                       'over, or move damaged_checkpoints/ away to start over in this one')
     runner = stages_lib.StageRunner(stages, compile_stage, 0)
+    if backend == 'jit':  # the first step's program compiles (or loads) on a thread while the state is made
+      first_batch = on_mesh(next(train_batches))  # its shape picks the program; the loop's step 1 takes it
+      target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
+      compiling = step_lib.compile_in_background(runner.current.train_step, target, first_batch)
     state = init_state(config, model, init_rng, make_state, runner.current.tx, runner.current.state_sharding,
                        abstract_params)
+    if compiling is not None:
+      compiling.result()  # raises its error, if any; the loop's first call of the step runs the program
   else:
     state, data_state = restored
     train_batches.set_state(data_state)
@@ -160,9 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = runner.before_step(step, state)
     for hook in hooks:
       state = hook.before_step(step, state)
-    batch = sharding.put_batch(next(train_batches), mesh)
-    for hook in hooks:
-      batch = hook.on_batch(batch)
+    batch, first_batch = on_mesh(next(train_batches)) if first_batch is None else first_batch, None
     state, metrics = runner.train_step(state, batch)
     log.add(metrics)
     nonfinite.add(step, metrics['nonfinite'])

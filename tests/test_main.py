@@ -143,6 +143,18 @@ def test_minilm_fine_tunes_on_fortunes8(data_dir, tmp_path):
   assert train[-1] < train[0]
 
 
+def test_the_train_step_compiles_once_ahead_of_the_state_and_the_loop_runs_it(data_dir, tmp_path, monkeypatch):
+  # A fresh run compiles its first step on a thread while it initialises the state (jft/step.py,
+  # compile_in_background); the loop must then run that program, not compile it again (:quick has one batch shape).
+  monkeypatch.setenv('JAX_LOG_COMPILES', '1')
+  result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path}', '--compilation_cache=off',
+                    data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  compiled = [line for line in result.stderr.splitlines() if 'Finished XLA compilation of jit(train_step)' in line]
+  assert len(compiled) == 1, compiled
+  assert max(line['step'] for line in read_metrics(tmp_path) if line['split'] == 'train') == 30
+
+
 def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_path):
   cache = tmp_path / 'xla'
   first_lines = []

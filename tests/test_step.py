@@ -1,5 +1,7 @@
 """The training core with any Flax model: linen directly, NNX through nnx.split / nnx.merge."""
 
+import threading
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -122,6 +124,34 @@ def test_state_is_donated():
   old_kernel = state.params['head']['kernel']
   train_step(state, sharding.put_batch(batch, mesh))
   assert old_kernel.is_deleted()
+
+
+def test_a_step_compiled_in_the_background_is_what_the_jitted_call_then_runs():
+  module, tx, batch = SmallCNN(num_classes=3, features=(4,), hidden=8), optax.adam(1e-2), make_batch()
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  state = sharding.put_replicated(linen_state(module, tx, batch), mesh)
+  reference_state = jax.tree.map(jnp.copy, state)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(linen_apply_fn(module), tx), mesh)
+  compiled_by = []  # threads in which XLA compiled a program of the step
+
+  def listener(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration' and 'train_step' in kwargs.get('fun_name', ''):
+      compiled_by.append(threading.current_thread().name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    compiling = step_lib.compile_in_background(train_step, abstract_state, sharding.put_batch(batch, mesh))
+    compiling.result()
+    assert len(compiled_by) == 1 and compiled_by[0].startswith('jft-compile')
+    state, metrics = train_step(state, sharding.put_batch(batch, mesh))
+    assert len(compiled_by) == 1  # the call ran that program: not compiled again
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  fresh_step = step_lib.jit_train_step(step_lib.make_train_step(linen_apply_fn(module), tx), mesh)
+  expected_state, expected = fresh_step(reference_state, sharding.put_batch(batch, mesh))
+  assert float(metrics['loss']) == float(expected['loss'])
+  jax.tree.map(np.testing.assert_array_equal, state.params, expected_state.params)
 
 
 class ClassifierWithDropout(nn.Module):

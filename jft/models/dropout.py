@@ -13,6 +13,7 @@ jaxlib 0.10.2 cannot compile for an array sharded over several devices under Sha
 Here the high half of each product comes from an explicit uint64 multiply, which every partitioner handles.
 """
 
+import functools
 import math
 
 import jax
@@ -79,6 +80,7 @@ def random_bits(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return out[0] ^ out[1] ^ out[2] ^ out[3]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def keep_mask(key_data: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
   """True where an element is kept, with probability `keep_prob`: `jax.random.bernoulli(key, keep_prob, shape)` for
   the Philox key of `key_data`, bit for bit. That draws u = m / 2^23 from the top 23 bits m and keeps u < p (p in
