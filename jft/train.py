@@ -173,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = runner.before_step(step, state)
     for hook in hooks:
       state = hook.before_step(step, state)
-    batch, first_batch = on_mesh(next(train_batches)) if first_batch is None else first_batch, None
+    batch = on_mesh(next(train_batches)) if first_batch is None else first_batch
+    first_batch = None
     state, metrics = runner.train_step(state, batch)
     log.add(metrics)
     nonfinite.add(step, metrics['nonfinite'])
