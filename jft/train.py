@@ -117,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = hook.on_batch(batch)
     return batch
 
-  resume_step, restored, first_batch, compiling = None, None, None, None
+  resume_step, restored, first_batch = None, None, None
   for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
     try:
       runner, restored = restore(step)
@@ -131,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise UserError(f'no readable checkpoint is left in {checkpoints.directory} (the damaged ones are in '
                       f'{workdir / "damaged_checkpoints"}), so this run cannot resume: give a new --workdir to start '
                       'over, or move damaged_checkpoints/ away to start over in this one')
-    runner = stages_lib.StageRunner(stages, compile_stage, 0)
+    runner, compiling = stages_lib.StageRunner(stages, compile_stage, 0), None
     if backend == 'jit':  # the first step's program compiles (or loads) on a thread while the state is made
       first_batch = on_mesh(next(train_batches))  # its shape picks the program; the loop's step 1 takes it
       target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)

@@ -150,8 +150,12 @@ def test_the_train_step_compiles_once_ahead_of_the_state_and_the_loop_runs_it(da
   result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path}', '--compilation_cache=off',
                     data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-2000:]
-  compiled = [line for line in result.stderr.splitlines() if 'Finished XLA compilation of jit(train_step)' in line]
-  assert len(compiled) == 1, compiled
+  lines = result.stderr.splitlines()
+  lowered = [line for line in lines if 'Compiling jit(train_step)' in line]
+  compiled = [line for line in lines if 'Finished XLA compilation of jit(train_step)' in line]
+  assert len(lowered) == 1 and len(compiled) == 1, (lowered, compiled)
+  thread_id = lambda line: line.split()[2]  # absl's prefix: level+date, time, thread id, file:line]
+  assert thread_id(compiled[0]) != thread_id(lowered[0])  # lowered on the main thread, compiled on another
   assert max(line['step'] for line in read_metrics(tmp_path) if line['split'] == 'train') == 30
 
 
