@@ -9,11 +9,19 @@ MiniLM fine-tuning step at 32 x 128), from a worker thread. glibc serves an allo
 than before; the buffers still go back to the system when freed. (Keeping them in glibc's heap instead, with
 `mallopt`, avoids the faults too, but the heap fragmented and grew by gigabytes over 20 steps.)
 
+Not under a hypervisor that takes freed memory back: a virtual machine whose balloon device reports free pages
+(virtio `VIRTIO_BALLOON_F_REPORTING`, e.g. Firecracker VMs) hands each free 2 MiB block to the host about two
+seconds after it is freed, so a huge page touched again after a pause (an evaluation, a step of another length,
+a checkpoint) is faulted in from the host: there the step after a 2.5 s pause took 3.0-5.3 s instead of 1.3 s
+with huge pages, against 1.6 s either way in 4 KiB pages, and the main job ran 1.25x longer with them
+(benchmarks/README.md). On such machines the default is 4 KiB pages.
+
 glibc reads its tunables only at process start, so `reexec_with_huge_pages()` starts the same program again with
 the tunable added to `GLIBC_TUNABLES` (`os.execve`: same process id, same arguments); `python -m jft.main` does
 it before it imports JAX. It does nothing where it cannot help or was decided already: not Linux with glibc >=
-2.35, transparent huge pages set to `never`, `glibc.malloc.hugetlb` already in `GLIBC_TUNABLES` (the user's
-value wins), or `JFT_HUGE_PAGES=0` in the environment (off).
+2.35, transparent huge pages set to `never`, free page reporting (above), `glibc.malloc.hugetlb` already in
+`GLIBC_TUNABLES` (the user's value wins), or `JFT_HUGE_PAGES=0` in the environment (off). `JFT_HUGE_PAGES=1`
+turns it on despite free page reporting (for a loop of back-to-back steps of one shape it is still faster).
 """
 
 import os
@@ -24,8 +32,11 @@ from collections.abc import Mapping
 TUNABLE = 'glibc.malloc.hugetlb'
 HUGE_PAGES = f'{TUNABLE}=1'  # madvise(MADV_HUGEPAGE) on glibc's mmapped chunks and heaps
 MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
-OFF_VARIABLE = 'JFT_HUGE_PAGES'
+SWITCH_VARIABLE = 'JFT_HUGE_PAGES'
 THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
+VIRTIO_DEVICES = '/sys/bus/virtio/devices'
+VIRTIO_ID_BALLOON = 5  # the virtio device id of a memory balloon
+VIRTIO_BALLOON_F_REPORTING = 5  # the feature bit of free page reporting (virtio 1.2, 5.5.3)
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -53,9 +64,33 @@ def with_huge_pages(tunables: str) -> str:
   return f'{tunables}:{HUGE_PAGES}' if tunables else HUGE_PAGES
 
 
-def should_reexec(environ: Mapping[str, str], glibc: tuple[int, int] | None, thp_mode: str | None) -> bool:
-  """Whether a process with this environment, C library and kernel mode gains by restarting with the tunable."""
-  if environ.get(OFF_VARIABLE) == '0' or TUNABLE in environ.get('GLIBC_TUNABLES', ''):
+def free_page_reporting(devices: str = VIRTIO_DEVICES) -> bool:
+  """Whether a virtio balloon device reports free pages to the hypervisor (it then takes them back)."""
+  try:
+    names = os.listdir(devices)
+  except OSError:
+    return False
+  for name in names:
+    try:
+      with open(os.path.join(devices, name, 'device')) as f:
+        device = int(f.read().strip(), 16)
+      with open(os.path.join(devices, name, 'features')) as f:
+        features = f.read().strip()  # one character per feature bit the driver accepted, bit 0 first
+    except (OSError, ValueError):
+      continue
+    if device == VIRTIO_ID_BALLOON and features[VIRTIO_BALLOON_F_REPORTING:VIRTIO_BALLOON_F_REPORTING + 1] == '1':
+      return True
+  return False
+
+
+def should_reexec(environ: Mapping[str, str], glibc: tuple[int, int] | None, thp_mode: str | None,
+                  reporting: bool) -> bool:
+  """Whether a process with this environment, C library, kernel mode and free page `reporting` (see
+  `free_page_reporting`) gains by restarting with the tunable."""
+  choice = environ.get(SWITCH_VARIABLE)
+  if choice == '0' or TUNABLE in environ.get('GLIBC_TUNABLES', ''):
+    return False
+  if reporting and choice != '1':
     return False
   return glibc is not None and glibc >= MIN_GLIBC and thp_mode in ('always', 'madvise')
 
@@ -64,7 +99,7 @@ def reexec_with_huge_pages() -> None:
   """Restarts this program with `glibc.malloc.hugetlb=1` where that helps (see the module docstring); returns
   only where it does not. Call it first thing, before JAX is imported or anything is written, and only from a
   program's own entry point: it starts the whole process (`sys.orig_argv`) again."""
-  if not should_reexec(os.environ, glibc_version(), transparent_huge_pages_mode()):
+  if not should_reexec(os.environ, glibc_version(), transparent_huge_pages_mode(), free_page_reporting()):
     return
   environ = {**os.environ, 'GLIBC_TUNABLES': with_huge_pages(os.environ.get('GLIBC_TUNABLES', ''))}
   sys.stdout.flush()

@@ -1,5 +1,6 @@
-"""jft/host_memory.py: when a process restarts itself with glibc's huge page tunable, and that the restart keeps its
-process id and arguments and cuts the page faults of a step whose temporaries glibc maps afresh each call."""
+"""jft/host_memory.py: when a process restarts itself with glibc's huge page tunable (not where the hypervisor takes
+freed pages back), and that the restart keeps its process id and arguments and cuts the page faults of a step whose
+temporaries glibc maps afresh each call."""
 
 import json
 import os
@@ -19,20 +20,52 @@ def test_with_huge_pages_appends_to_existing_tunables():
   assert host_memory.with_huge_pages('glibc.malloc.arena_max=2') == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
 
 
-@pytest.mark.parametrize('environ, glibc, thp_mode, expected', [
-    ({}, LINUX_GLIBC, 'madvise', True),
-    ({}, LINUX_GLIBC, 'always', True),
-    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, LINUX_GLIBC, 'madvise', True),
-    ({}, LINUX_GLIBC, 'never', False),  # the kernel would ignore the advice
-    ({}, LINUX_GLIBC, None, False),  # no transparent huge pages at all (not Linux, or a kernel without them)
-    ({}, None, 'madvise', False),  # musl and other C libraries
-    ({}, (2, 34), 'madvise', False),  # before glibc.malloc.hugetlb existed
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, LINUX_GLIBC, 'madvise', False),  # the user's value wins
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, LINUX_GLIBC, 'madvise', False),  # already restarted: no loop
-    ({'JFT_HUGE_PAGES': '0'}, LINUX_GLIBC, 'madvise', False),  # turned off
+@pytest.mark.parametrize('environ, glibc, thp_mode, reporting, expected', [
+    ({}, LINUX_GLIBC, 'madvise', False, True),
+    ({}, LINUX_GLIBC, 'always', False, True),
+    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, LINUX_GLIBC, 'madvise', False, True),
+    ({}, LINUX_GLIBC, 'never', False, False),  # the kernel would ignore the advice
+    ({}, LINUX_GLIBC, None, False, False),  # no transparent huge pages at all (not Linux, or a kernel without them)
+    ({}, None, 'madvise', False, False),  # musl and other C libraries
+    ({}, (2, 34), 'madvise', False, False),  # before glibc.malloc.hugetlb existed
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, LINUX_GLIBC, 'madvise', False, False),  # the user's value wins
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, LINUX_GLIBC, 'madvise', False, False),  # restarted: no loop
+    ({'JFT_HUGE_PAGES': '0'}, LINUX_GLIBC, 'madvise', False, False),  # turned off
+    ({}, LINUX_GLIBC, 'madvise', True, False),  # the hypervisor takes freed huge pages back: 4 KiB pages win
+    ({'JFT_HUGE_PAGES': '1'}, LINUX_GLIBC, 'madvise', True, True),  # asked for all the same
+    ({'JFT_HUGE_PAGES': '1'}, LINUX_GLIBC, 'never', True, False),  # ... but not where it cannot work
 ])
-def test_should_reexec(environ, glibc, thp_mode, expected):
-  assert host_memory.should_reexec(environ, glibc, thp_mode) is expected
+def test_should_reexec(environ, glibc, thp_mode, reporting, expected):
+  assert host_memory.should_reexec(environ, glibc, thp_mode, reporting) is expected
+
+
+def _virtio_device(root, name: str, device: str, features: str) -> None:
+  (root / name).mkdir(parents=True)
+  (root / name / 'device').write_text(f'{device}\n')
+  (root / name / 'features').write_text(f'{features}\n')
+
+
+def test_free_page_reporting_reads_the_balloon_feature_bit(tmp_path):
+  # A network device with bit 5 set (another meaning there), and a balloon with stats and deflate-on-OOM only.
+  _virtio_device(tmp_path, 'virtio0', '0x0001', '1100010110111')
+  _virtio_device(tmp_path, 'virtio1', '0x0005', '0110000000000')
+  assert not host_memory.free_page_reporting(str(tmp_path))
+  _virtio_device(tmp_path, 'virtio2', '0x0005', '0110010100000')  # as on a Firecracker VM: bit 5, reporting
+  assert host_memory.free_page_reporting(str(tmp_path))
+  assert not host_memory.free_page_reporting(str(tmp_path / 'missing'))  # no virtio bus: bare metal, or not Linux
+
+
+@pytest.mark.parametrize('reporting', [False, True])
+def test_reexec_follows_free_page_reporting(monkeypatch, reporting):
+  starts = []
+  monkeypatch.setattr(host_memory, 'glibc_version', lambda: LINUX_GLIBC)
+  monkeypatch.setattr(host_memory, 'transparent_huge_pages_mode', lambda: 'madvise')
+  monkeypatch.setattr(host_memory, 'free_page_reporting', lambda: reporting)
+  monkeypatch.setattr(host_memory.os, 'execve', lambda path, argv, environ: starts.append(environ['GLIBC_TUNABLES']))
+  for variable in ('GLIBC_TUNABLES', 'JFT_HUGE_PAGES'):
+    monkeypatch.delenv(variable, raising=False)
+  host_memory.reexec_with_huge_pages()
+  assert starts == ([] if reporting else ['glibc.malloc.hugetlb=1'])
 
 
 def test_transparent_huge_pages_mode_reads_the_bracketed_word(tmp_path):
@@ -81,11 +114,11 @@ def _run_step(tmp_path, **environ) -> list[dict]:
   return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-@pytest.mark.skipif(not host_memory.should_reexec({}, host_memory.glibc_version(),
-                                                  host_memory.transparent_huge_pages_mode()),
+@pytest.mark.skipif(not host_memory.should_reexec({'JFT_HUGE_PAGES': '1'}, host_memory.glibc_version(),
+                                                  host_memory.transparent_huge_pages_mode(), reporting=True),
                     reason='needs Linux, glibc >= 2.35 and transparent huge pages')
 def test_reexec_keeps_the_process_and_cuts_page_faults(tmp_path):
-  restarted = _run_step(tmp_path)
+  restarted = _run_step(tmp_path, JFT_HUGE_PAGES='1')  # asked for: on this machine by default or not
   starts = [line for line in restarted if line['phase'] == 'start']
   (end,) = [line for line in restarted if line['phase'] == 'end']
   assert len(starts) == 2 and starts[0]['pid'] == starts[1]['pid'] == end['pid']  # once, in the same process

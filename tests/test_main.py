@@ -174,7 +174,8 @@ def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_p
   assert all(line['seconds_to_first_step'] > 0 for line in first_lines)
   # python -m jft.main restarted itself with XLA's host buffers on huge pages wherever that helps (jft/host_memory.py)
   huge_pages = host_memory.active() or host_memory.should_reexec(
-      os.environ, host_memory.glibc_version(), host_memory.transparent_huge_pages_mode())
+      os.environ, host_memory.glibc_version(), host_memory.transparent_huge_pages_mode(),
+      host_memory.free_page_reporting())
   assert all(line['host_huge_pages'] is huge_pages for line in first_lines)
 
 
