@@ -12,9 +12,9 @@ than before; the buffers still go back to the system when freed. (Keeping them i
 Not under a hypervisor that takes freed memory back: a virtual machine whose balloon device reports free pages
 (virtio `VIRTIO_BALLOON_F_REPORTING`, e.g. Firecracker VMs) hands each free 2 MiB block to the host about two
 seconds after it is freed, so a huge page touched again after a pause (an evaluation, a step of another length,
-a checkpoint) is faulted in from the host: there the step after a 2.5 s pause took 3.0-5.3 s instead of 1.3 s
-with huge pages, against 1.6 s either way in 4 KiB pages, and the main job ran 1.25x longer with them
-(benchmarks/README.md). On such machines the default is 4 KiB pages.
+a checkpoint) is faulted in from the host: there a 32 x 128 step after a 2.5 s pause took 3.9 s on huge pages
+against 1.3 s back to back, and 1.6 s either way in 4 KiB pages (`benchmarks/host_memory.py`), and 150 steps of
+the main job took 1.25x as long on huge pages (benchmarks/README.md). On such machines the default is 4 KiB pages.
 
 glibc reads its tunables only at process start, so `reexec_with_huge_pages()` starts the same program again with
 the tunable added to `GLIBC_TUNABLES` (`os.execve`: same process id, same arguments); `python -m jft.main` does
