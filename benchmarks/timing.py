@@ -16,11 +16,22 @@ def interleaved_times(runs: dict[str, Callable[[], None]], steps: int, round_siz
   return times
 
 
+def amd_core(family: int, model: int) -> str | None:
+  """The core generation of an AMD CPU from its family and model numbers (AMD's Processor Programming Reference
+  for each family): family 23 (17h) Zen / Zen 2, 25 (19h) Zen 3 or Zen 4 by model, 26 (1Ah) Zen 5."""
+  if family == 0x17:
+    return 'Zen 2' if model >= 0x30 else 'Zen'
+  if family == 0x19:
+    return 'Zen 4' if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else 'Zen 3'
+  return 'Zen 5' if family == 0x1A else None
+
+
 def machine() -> str:
-  """This machine in one line, for every number printed: CPU model, cores jax sees, the widest vector ISA."""
+  """This machine in one line, for every number printed: CPU model, family and model numbers (and an AMD CPU's core
+  generation), cores jax sees, the widest vector ISA."""
   import os  # noqa: PLC0415 (only this helper needs them)
   import platform  # noqa: PLC0415
-  model, flags, family = platform.processor() or platform.machine(), set(), {}
+  model, flags, numbers, vendor = platform.processor() or platform.machine(), set(), {}, ''
   try:
     with open('/proc/cpuinfo') as cpuinfo:
       for line in cpuinfo:
@@ -28,11 +39,16 @@ def machine() -> str:
         if key.strip() == 'model name':
           model = value.strip()
         elif key.strip() in ('cpu family', 'model'):
-          family[key.strip()] = value.strip()
+          numbers[key.strip()] = int(value)
+        elif key.strip() == 'vendor_id':
+          vendor = value.strip()
         elif key.strip() == 'flags':
           flags = set(value.split())
-  except OSError:
+  except (OSError, ValueError):
     pass
   isa = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'
-  family = f" (family {family['cpu family']} model {family['model']})" if len(family) == 2 else ''
+  family = ''
+  if len(numbers) == 2:
+    core = amd_core(numbers['cpu family'], numbers['model']) if vendor == 'AuthenticAMD' else None
+    family = f" (family {numbers['cpu family']} model {numbers['model']}{', ' + core if core else ''})"
   return f'{model}{family}, {os.cpu_count()} cores, {isa}'
