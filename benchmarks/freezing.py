@@ -30,7 +30,7 @@ FREEZE = {
 
 
 def main(_):
-  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
+  host_memory.reexec()  # as python -m jft.main does: the same host memory setup
   setup = MiniLMSetup(_BATCH.value, _LENGTH.value)
   runs = {name: list(setup.state_and_step(freeze)) for name, freeze in FREEZE.items()}
 

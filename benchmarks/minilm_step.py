@@ -23,7 +23,7 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps after the warm-up')
 
 
 def main(_):
-  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
+  host_memory.reexec()  # as python -m jft.main does: the same host memory setup
   batch_size, length = _BATCH.value, _LENGTH.value
   setup = MiniLMSetup(batch_size, length)
   state, train_step = setup.state_and_step()

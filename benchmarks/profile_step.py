@@ -64,7 +64,7 @@ def profile_pytorch(setup: MiniLMSetup) -> None:
 
 
 def main(_):
-  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
+  host_memory.reexec()  # as python -m jft.main does: the same host memory setup
   setup = MiniLMSetup(32, _LENGTH.value)
   if _PYTORCH.value:
     profile_pytorch(setup)

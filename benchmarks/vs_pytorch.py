@@ -4,7 +4,9 @@ or (--mode=end_to_end) the whole main job.
 python benchmarks/vs_pytorch.py [--lengths=32,64,128] [--rounds=5] [--round_size=2]
                                 [--torch_venv=~/.cache/jft/torch-venv] [--batch_size=32] [--model=minilm]
                                 [--matmul_precision=default|float32] [--dtype=float32|bfloat16]
-python benchmarks/vs_pytorch.py --mode=end_to_end [--config=configs/minilm_fortunes.py] [--config.FIELD=VALUE]
+                                [--torch_allocator=system|jft]
+python benchmarks/vs_pytorch.py --mode=end_to_end [--torch_allocator=system|jft] [--config=configs/minilm_fortunes.py]
+                                [--config.FIELD=VALUE]
 
 Both fine-tune the same classifier on the same batch of 32 token sequences: the pretrained MiniLM encoder,
 mean pooling, a new 8-way head, dropout on, AdamW with linear warmup/decay, clipping at global norm 1.0.
@@ -23,6 +25,9 @@ On a GPU (jax's default backend), PyTorch runs on CUDA too. `--matmul_precision=
 which computes float32 matmuls on TF32 tensor cores on recent GPUs, and sets PyTorch's to match ('high');
 `float32` makes both exact float32. `--dtype=bfloat16` runs jft with `config.model.dtype='bfloat16'` and PyTorch
 under `torch.autocast(dtype=torch.bfloat16)`: both mixed precision, the weights and optimizer float32.
+Host memory: jft runs as `python -m jft.main` does (jft/host_memory.py: jemalloc keeping freed memory where the
+system has it); PyTorch with `--torch_allocator=system` (the default) runs as it does out of the box (glibc), with
+`jft` on the same setting (PyTorch's own CPU tuning guide recommends jemalloc too). Both are printed.
 `--model=DIR` times any BERT directory of the same shape, e.g. randomly initialised weights saved by `transformers`
 where the pretrained package is not installed.
 
@@ -65,6 +70,9 @@ _MATMUL_PRECISION = flags.DEFINE_enum('matmul_precision', 'default', ['default',
                                       "float32 matmuls: each framework's GPU default (TF32), or exact float32")
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'compute dtype: float32, or bf16 mixed precision in both (jft model.dtype, torch.autocast)')
+_TORCH_ALLOCATOR = flags.DEFINE_enum(
+    'torch_allocator', 'system', ['system', 'jft'],
+    "PyTorch's host allocator: the system's (as PyTorch runs by default) or the setting jft restarts itself with")
 _TORCH_VENV = flags.DEFINE_string('torch_venv', '~/.cache/jft/torch-venv',
                                   'virtual environment with torch and transformers; created if missing')
 TORCH_PACKAGES = ('torch==2.13.0', 'transformers', 'numpy')
@@ -85,12 +93,23 @@ def torch_python(venv: str) -> str:
   return str(python)
 
 
+def torch_environment() -> dict[str, str]:
+  """The environment of the PyTorch processes (see --torch_allocator)."""
+  environ = os.environ if _TORCH_ALLOCATOR.value == 'jft' else host_memory.without_setting(
+      os.environ, host_memory.find_jemalloc())
+  return {**environ, 'HF_HUB_OFFLINE': '1'}
+
+
+def host_memory_line() -> str:
+  return f'host memory: jft {host_memory.describe()}, PyTorch {host_memory.describe(torch_environment())}'
+
+
 class TorchWorker:
   """benchmarks/pytorch_minilm.py in the PyTorch environment, one JSON command at a time."""
 
   def __init__(self, python: str):
     self.process = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    text=True, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+                                    text=True, env=torch_environment())
 
   def __call__(self, op: str, **kwargs) -> dict:
     self.process.stdin.write(json.dumps({'op': op, **kwargs}) + '\n')
@@ -197,7 +216,7 @@ def end_to_end(python: str) -> None:
     overrides = [config_arg] + [arg for arg in sys.argv[1:] if arg.startswith('--config.')]
     jft_command = [sys.executable, '-m', 'jft.main', *overrides, f'--workdir={tmp}/jft', '--compilation_cache=off',
                    f'--config.data.data_dir={config.data.data_dir}']
-    print(f'machine: {machine()}\njft: {" ".join(jft_command[1:])}', flush=True)
+    print(f'machine: {machine()}; {host_memory_line()}\njft: {" ".join(jft_command[1:])}', flush=True)
     jft_s, out = timed_run(jft_command, cwd=repo)
     jft_test = json.loads(out.strip().splitlines()[-1])
     with open(os.path.join(tmp, 'jft', 'metrics.jsonl')) as f:
@@ -209,7 +228,7 @@ def end_to_end(python: str) -> None:
                      f'--lr={config.optim.lr}', f'--weight_decay={config.optim.weight_decay}',
                      f'--seed={config.seed}', f'--max_len={config.data.max_len}']
     print(f'PyTorch: {" ".join(torch_command[1:])}', flush=True)
-    torch_s, out = timed_run(torch_command, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    torch_s, out = timed_run(torch_command, env=torch_environment())
     torch_result = json.loads(out.strip().splitlines()[-1])
   print(f'\n{"":8s} {"wall s":>8s} {"test accuracy":>13s}')
   print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f}')
@@ -218,12 +237,13 @@ def end_to_end(python: str) -> None:
   print('validation accuracy by step:')
   for ours, theirs in zip(jft_curve, torch_result['validation'], strict=False):
     print(f'  {ours["step"]:5d}  jft {ours["validation_accuracy"]:.3f}  PyTorch {theirs["validation_accuracy"]:.3f}')
-  print(json.dumps({'machine': machine(), 'jft_s': jft_s, 'torch_s': torch_s, 'jft_test': jft_test,
+  print(json.dumps({'machine': machine(), 'host_memory': host_memory_line(), 'jft_s': jft_s, 'torch_s': torch_s,
+                    'jft_test': jft_test,
                     'jft_validation': jft_curve, 'torch': torch_result}))
 
 
 def main(_):
-  host_memory.reexec_with_huge_pages()  # as python -m jft.main does: the same host memory setup
+  host_memory.reexec()  # as python -m jft.main does: the same host memory setup
   python = torch_python(_TORCH_VENV.value)
   if _MODE.value == 'end_to_end':
     return end_to_end(python)
@@ -241,7 +261,8 @@ def main(_):
                   autocast=None if _DTYPE.value == 'float32' else _DTYPE.value)
     print(f'machine: {machine()}; jax {jax.__version__} on {jax.devices()[0].device_kind}; PyTorch {info["torch"]} '
           f'on {info["device"]} ({info["threads"]} threads, attention {info["attention"]}), transformers '
-          f'{info["transformers"]}; float32 matmuls: {_MATMUL_PRECISION.value}; compute dtype: {_DTYPE.value}',
+          f'{info["transformers"]}; float32 matmuls: {_MATMUL_PRECISION.value}; compute dtype: {_DTYPE.value}; '
+          f'{host_memory_line()}',
           flush=True)
     batch = _BATCH_SIZE.value
     shapes = [('train', batch, int(length)) for length in _LENGTHS.value if length] + [('eval', 2 * batch, EVAL_LENGTH)]

@@ -1,38 +1,58 @@
-"""XLA's large host buffers on transparent huge pages: glibc's `glibc.malloc.hugetlb=1`, set by re-executing once.
+"""Where XLA's large host buffers come from: a retaining allocator (jemalloc) where the system has one, else glibc,
+on transparent huge pages where that helps. Set by re-executing the program once, before JAX is imported.
 
 Why: XLA's CPU backend allocates the temporaries of each run of a compiled step as one buffer (1.6 GB for the
 MiniLM fine-tuning step at 32 x 128), from a worker thread. glibc serves an allocation that large with a fresh
 `mmap` and gives it back with `munmap` when the step ends, so on every step the kernel maps and zeroes it again,
 4 KiB at a time: about 400,000 page faults and 1 s of system CPU time per step on 2 cores, a quarter of the step
-(benchmarks/README.md). With the tunable, glibc asks the kernel for transparent huge pages on those maps
-(`madvise(MADV_HUGEPAGE)`), 2 MiB at a time: about 1,000 faults per step. The process holds no more memory
-than before; the buffers still go back to the system when freed. (Keeping them in glibc's heap instead, with
-`mallopt`, avoids the faults too, but the heap fragmented and grew by gigabytes over 20 steps.)
+(benchmarks/README.md). glibc cannot keep them: one arena with no `mmap` and no trimming (`mallopt`) fragmented
+its heap, which grew from 2.7 to 7.3 GB over 22 steps.
 
-Not under a hypervisor that takes freed memory back: a virtual machine whose balloon device reports free pages
-(virtio `VIRTIO_BALLOON_F_REPORTING`, e.g. Firecracker VMs) hands each free 2 MiB block to the host about two
-seconds after it is freed, so a huge page touched again after a pause (an evaluation, a step of another length,
-a checkpoint) is faulted in from the host: there a 32 x 128 step after a 2.5 s pause took 3.9 s on huge pages
+jemalloc (the system's `libjemalloc.so.2`, Debian / Ubuntu package `libjemalloc2`) through `LD_PRELOAD`, with
+`MALLOC_CONF=RETAINING`: one arena for every thread, and freed pages never handed back to the kernel, so each
+step's temporaries reuse the memory of the steps before (no page faults), on transparent huge pages where the
+kernel has them. Nothing is freed to the kernel, so nothing is left for a hypervisor to take back (below). The
+price is memory: the process keeps its high-water mark. 150 steps of the main job (2026-12-02, 2-core Zen 5 VM,
+warm compilation cache, four runs of each alternating; benchmarks/README.md) took 114-130 s against 133-150 s with
+glibc's 4 KiB pages, with a peak of 6.2-7.4 GB against 3.9-4.0 GB. Purging pages unused for 30 s instead
+(`dirty_decay_ms:30000`) kept the peak at 3.7 GB but took 153 and 236 s: there the purged pages came back from the
+hypervisor.
+
+Without jemalloc, glibc with `glibc.malloc.hugetlb=1`: it asks the kernel for transparent huge pages on those
+maps (`madvise(MADV_HUGEPAGE)`), 2 MiB at a time, about 1,000 faults per step instead of 400,000. Not under a
+hypervisor that takes freed memory back: a virtual machine whose balloon device reports free pages (virtio
+`VIRTIO_BALLOON_F_REPORTING`, e.g. Firecracker VMs) hands each free 2 MiB block to the host about two seconds
+after it is freed, so a huge page touched again after a pause (an evaluation, a step of another length, a
+checkpoint) is faulted in from the host: there a 32 x 128 step after a 2.5 s pause took 3.9 s on huge pages
 against 1.3 s back to back, and 1.6 s either way in 4 KiB pages (`benchmarks/host_memory.py`), and 150 steps of
-the main job took 1.25x as long on huge pages (benchmarks/README.md). On such machines the default is 4 KiB pages.
+the main job took 1.25x as long on huge pages. On such machines glibc keeps its 4 KiB pages.
 
-glibc reads its tunables only at process start, so `reexec_with_huge_pages()` starts the same program again with
-the tunable added to `GLIBC_TUNABLES` (`os.execve`: same process id, same arguments); `python -m jft.main` does
-it before it imports JAX. It does nothing where it cannot help or was decided already: not Linux with glibc >=
-2.35, transparent huge pages set to `never`, free page reporting (above), `glibc.malloc.hugetlb` already in
-`GLIBC_TUNABLES` (the user's value wins), or `JFT_HUGE_PAGES=0` in the environment (off). `JFT_HUGE_PAGES=1`
-turns it on despite free page reporting (for a loop of back-to-back steps of one shape it is still faster).
+glibc and the dynamic loader read these settings only at process start, so `reexec()` starts the same program
+again with them added to the environment (`os.execve`: same process id, same arguments); `python -m jft.main`
+does it before it imports JAX. The environment decides: `JFT_ALLOCATOR=glibc` keeps glibc (`jemalloc`, the
+default, falls back to glibc where it is not installed); `JFT_HUGE_PAGES=0` / `=1` turns glibc's huge pages off /
+on despite free page reporting; an allocator the user preloads, or a `glibc.malloc.hugetlb` of their own, wins.
+Child processes (data workers) inherit the setting.
 """
 
 import os
 import re
 import sys
+import sysconfig
 from collections.abc import Mapping
 
 TUNABLE = 'glibc.malloc.hugetlb'
 HUGE_PAGES = f'{TUNABLE}=1'  # madvise(MADV_HUGEPAGE) on glibc's mmapped chunks and heaps
 MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
 SWITCH_VARIABLE = 'JFT_HUGE_PAGES'
+ALLOCATOR_VARIABLE = 'JFT_ALLOCATOR'
+ALLOCATORS = ('jemalloc', 'glibc')
+JEMALLOC = 'libjemalloc.so.2'
+LIBRARY_DIRS = (f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or ''}", '/usr/lib64', '/usr/lib', '/usr/local/lib')
+# One arena for every thread (a step's buffers come from several), freed pages never purged (dirty, then muzzy).
+RETAINING = 'narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1'
+# In LD_PRELOAD: the user chose an allocator, or a sanitizer that must own malloc.
+MALLOC_INTERPOSERS = ('jemalloc', 'tcmalloc', 'mimalloc', 'libasan', 'libtsan', 'libmsan', 'libhwasan')
 THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 VIRTIO_DEVICES = '/sys/bus/virtio/devices'
 VIRTIO_ID_BALLOON = 5  # the virtio device id of a memory balloon
@@ -83,10 +103,19 @@ def free_page_reporting(devices: str = VIRTIO_DEVICES) -> bool:
   return False
 
 
-def should_reexec(environ: Mapping[str, str], glibc: tuple[int, int] | None, thp_mode: str | None,
-                  reporting: bool) -> bool:
-  """Whether a process with this environment, C library, kernel mode and free page `reporting` (see
-  `free_page_reporting`) gains by restarting with the tunable."""
+def find_jemalloc(directories: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
+  """The path of the system's jemalloc shared library, None where it is not installed."""
+  for directory in directories:
+    path = os.path.join(directory, JEMALLOC)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def huge_pages_help(environ: Mapping[str, str], glibc: tuple[int, int] | None, thp_mode: str | None,
+                    reporting: bool) -> bool:
+  """Whether glibc's huge page tunable helps a process with this environment, C library, kernel mode and free page
+  `reporting` (see `free_page_reporting`)."""
   choice = environ.get(SWITCH_VARIABLE)
   if choice == '0' or TUNABLE in environ.get('GLIBC_TUNABLES', ''):
     return False
@@ -95,18 +124,66 @@ def should_reexec(environ: Mapping[str, str], glibc: tuple[int, int] | None, thp
   return glibc is not None and glibc >= MIN_GLIBC and thp_mode in ('always', 'madvise')
 
 
-def reexec_with_huge_pages() -> None:
-  """Restarts this program with `glibc.malloc.hugetlb=1` where that helps (see the module docstring); returns
-  only where it does not. Call it first thing, before JAX is imported or anything is written, and only from a
-  program's own entry point: it starts the whole process (`sys.orig_argv`) again."""
-  if not should_reexec(os.environ, glibc_version(), transparent_huge_pages_mode(), free_page_reporting()):
+def restart_environment(environ: Mapping[str, str], jemalloc: str | None, glibc: tuple[int, int] | None,
+                        thp_mode: str | None, reporting: bool) -> dict[str, str] | None:
+  """The variables to start this program again with (see the module docstring), None where it should run as it is:
+  `jemalloc` the library's path (None: not installed); the rest as for `huge_pages_help`."""
+  allocator = environ.get(ALLOCATOR_VARIABLE, 'jemalloc')
+  if allocator not in ALLOCATORS:
+    raise ValueError(f'{ALLOCATOR_VARIABLE}={allocator!r} is not an allocator jft knows: use '
+                     f'{" or ".join(ALLOCATORS)} (or leave it unset for jemalloc where installed)')
+  preload = environ.get('LD_PRELOAD', '')
+  if any(name in preload for name in MALLOC_INTERPOSERS):
+    return None  # the user's allocator, or this process already restarted with jemalloc
+  if allocator == 'jemalloc' and jemalloc is not None and glibc is not None:
+    conf = RETAINING + (',thp:always' if thp_mode in ('always', 'madvise') else '')
+    return {'LD_PRELOAD': f'{jemalloc}:{preload}' if preload else jemalloc,
+            'MALLOC_CONF': environ.get('MALLOC_CONF') or conf}
+  if huge_pages_help(environ, glibc, thp_mode, reporting):
+    return {'GLIBC_TUNABLES': with_huge_pages(environ.get('GLIBC_TUNABLES', ''))}
+  return None
+
+
+def reexec() -> None:
+  """Restarts this program with the host memory setting that helps (see the module docstring); returns only where
+  none does. Call it first thing, before JAX is imported or anything is written, and only from a program's own
+  entry point: it starts the whole process (`sys.orig_argv`) again."""
+  jemalloc = find_jemalloc()
+  if os.environ.get(ALLOCATOR_VARIABLE) == 'jemalloc' and jemalloc is None:
+    print(f'jft: {ALLOCATOR_VARIABLE}=jemalloc, but there is no {JEMALLOC} in {", ".join(LIBRARY_DIRS)} (Debian / '
+          'Ubuntu: apt install libjemalloc2); running on glibc', file=sys.stderr, flush=True)
+  added = restart_environment(os.environ, jemalloc, glibc_version(), transparent_huge_pages_mode(),
+                              free_page_reporting())
+  if added is None:
     return
-  environ = {**os.environ, 'GLIBC_TUNABLES': with_huge_pages(os.environ.get('GLIBC_TUNABLES', ''))}
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **added})
 
 
-def active() -> bool:
-  """Whether this process runs with the huge page tunable (glibc reads it at start only)."""
-  return HUGE_PAGES in os.environ.get('GLIBC_TUNABLES', '').split(':')
+def without_setting(environ: Mapping[str, str], jemalloc: str | None) -> dict[str, str]:
+  """`environ` without what `reexec` adds (for a process that should start with the system's defaults, e.g. another
+  framework a benchmark compares against); `jemalloc` the path it preloads."""
+  environ = dict(environ)
+  preload = [path for path in environ.pop('LD_PRELOAD', '').split(':') if path and path != jemalloc]
+  if preload:
+    environ['LD_PRELOAD'] = ':'.join(preload)
+  if environ.get('MALLOC_CONF', '').startswith(RETAINING):
+    del environ['MALLOC_CONF']
+  tunables = [t for t in environ.pop('GLIBC_TUNABLES', '').split(':') if t and t != HUGE_PAGES]
+  if tunables:
+    environ['GLIBC_TUNABLES'] = ':'.join(tunables)
+  return environ
+
+
+def describe(environ: Mapping[str, str] = os.environ) -> str:
+  """This process's host allocator as the first training log line gives it: 'jemalloc', 'glibc, huge pages' or
+  'glibc' (both are read at start only)."""
+  if 'jemalloc' in environ.get('LD_PRELOAD', ''):
+    return 'jemalloc'
+  return 'glibc, huge pages' if active(environ) else 'glibc'
+
+
+def active(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether this process runs with glibc's huge page tunable (glibc reads it at start only)."""
+  return HUGE_PAGES in environ.get('GLIBC_TUNABLES', '').split(':')

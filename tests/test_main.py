@@ -172,11 +172,10 @@ def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_p
   assert warm['compilation_cache_hits'] >= 1  # the train step at least, loaded rather than compiled
   assert 'compilation_cache_hits' not in off
   assert all(line['seconds_to_first_step'] > 0 for line in first_lines)
-  # python -m jft.main restarted itself with XLA's host buffers on huge pages wherever that helps (jft/host_memory.py)
-  huge_pages = host_memory.active() or host_memory.should_reexec(
-      os.environ, host_memory.glibc_version(), host_memory.transparent_huge_pages_mode(),
-      host_memory.free_page_reporting())
-  assert all(line['host_huge_pages'] is huge_pages for line in first_lines)
+  # python -m jft.main restarted itself with the host memory setting that helps here (jft/host_memory.py)
+  added = host_memory.restart_environment(os.environ, host_memory.find_jemalloc(), host_memory.glibc_version(),
+                                          host_memory.transparent_huge_pages_mode(), host_memory.free_page_reporting())
+  assert all(line['host_memory'] == host_memory.describe({**os.environ, **(added or {})}) for line in first_lines)
 
 
 def test_weights_that_do_not_fit_the_architecture_exit_2(data_dir, tmp_path):
