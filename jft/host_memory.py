@@ -10,13 +10,14 @@ its heap, which grew from 2.7 to 7.3 GB over 22 steps.
 
 jemalloc (the system's `libjemalloc.so.2`, Debian / Ubuntu package `libjemalloc2`) through `LD_PRELOAD`, with
 `MALLOC_CONF=RETAINING`: one arena for every thread, and freed pages never handed back to the kernel, so each
-step's temporaries reuse the memory of the steps before (no page faults), on transparent huge pages where the
-kernel has them. Nothing is freed to the kernel, so nothing is left for a hypervisor to take back (below). The
-price is memory: the process keeps its high-water mark. 150 steps of the main job (2026-12-02, 2-core Zen 5 VM,
-warm compilation cache, four runs of each alternating; benchmarks/README.md) took 114-130 s against 133-150 s with
-glibc's 4 KiB pages, with a peak of 6.2-7.4 GB against 3.9-4.0 GB. Purging pages unused for 30 s instead
-(`dirty_decay_ms:30000`) kept the peak at 3.7 GB but took 153 and 236 s: there the purged pages came back from the
-hypervisor.
+step's temporaries reuse the memory of the steps before (no page faults). Nothing is freed to the kernel, so
+nothing is left for a hypervisor to take back (below). The price is memory: the process keeps its high-water
+mark. 150 steps of the main job (2026-12-02, 2-core Zen 5 VM, warm compilation cache, fresh processes alternating;
+benchmarks/README.md) took 119-134 s against 133-150 s with glibc's 4 KiB pages, with a peak of 6.6-7.3 GB against
+3.8-4.0 GB. Purging pages unused for 30 s instead (`dirty_decay_ms:30000`) kept the peak at 3.7 GB but took 153 and
+236 s: there the purged pages came back from the hypervisor. jemalloc's transparent huge pages (`thp:always`) took
+114-130 s, but a fresh process then faults its first memory in 2 MiB at a time from the hypervisor: a warm start
+to the first step took 6.3 s against 3.6 s without them.
 
 Without jemalloc, glibc with `glibc.malloc.hugetlb=1`: it asks the kernel for transparent huge pages on those
 maps (`madvise(MADV_HUGEPAGE)`), 2 MiB at a time, about 1,000 faults per step instead of 400,000. Not under a
@@ -136,9 +137,8 @@ def restart_environment(environ: Mapping[str, str], jemalloc: str | None, glibc:
   if any(name in preload for name in MALLOC_INTERPOSERS):
     return None  # the user's allocator, or this process already restarted with jemalloc
   if allocator == 'jemalloc' and jemalloc is not None and glibc is not None:
-    conf = RETAINING + (',thp:always' if thp_mode in ('always', 'madvise') else '')
     return {'LD_PRELOAD': f'{jemalloc}:{preload}' if preload else jemalloc,
-            'MALLOC_CONF': environ.get('MALLOC_CONF') or conf}
+            'MALLOC_CONF': environ.get('MALLOC_CONF') or RETAINING}
   if huge_pages_help(environ, glibc, thp_mode, reporting):
     return {'GLIBC_TUNABLES': with_huge_pages(environ.get('GLIBC_TUNABLES', ''))}
   return None

@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 missing=()
 [ -d /usr/share/games/fortunes ] || missing+=(fortunes)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
-ldconfig -p | grep 'libjemalloc\.so\.2 ' > /dev/null || missing+=(libjemalloc2)  # grep -q would cut the pipe
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+# Optional: without it python -m jft.main runs on glibc (slower on CPU, less memory; jft/host_memory.py).
+if ! ldconfig -p | grep 'libjemalloc\.so\.2 ' > /dev/null; then  # (grep -q would cut the pipe)
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjemalloc2; } ||
+    echo 'setup.sh: could not install libjemalloc2; python -m jft.main will run on glibc' >&2
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -46,7 +46,7 @@ def test_huge_pages_help(environ, glibc, thp_mode, reporting, expected):
 
 
 @pytest.mark.parametrize('environ, jemalloc, thp_mode, expected', [
-    ({}, JEMALLOC, 'madvise', {'LD_PRELOAD': JEMALLOC, 'MALLOC_CONF': host_memory.RETAINING + ',thp:always'}),
+    ({}, JEMALLOC, 'madvise', {'LD_PRELOAD': JEMALLOC, 'MALLOC_CONF': host_memory.RETAINING}),
     ({}, JEMALLOC, 'never', {'LD_PRELOAD': JEMALLOC, 'MALLOC_CONF': host_memory.RETAINING}),
     ({'LD_PRELOAD': '/opt/lib/libfoo.so'}, JEMALLOC, 'never',  # the user's other preloads stay, after it
      {'LD_PRELOAD': f'{JEMALLOC}:/opt/lib/libfoo.so', 'MALLOC_CONF': host_memory.RETAINING}),
@@ -123,7 +123,7 @@ def test_reexec_follows_jemalloc_and_free_page_reporting(monkeypatch, capsys, re
   host_memory.reexec()
   if jemalloc:
     assert [(e['LD_PRELOAD'], e['MALLOC_CONF'], 'GLIBC_TUNABLES' in e) for e in starts] == [
-        (JEMALLOC, host_memory.RETAINING + ',thp:always', False)]
+        (JEMALLOC, host_memory.RETAINING, False)]
   else:
     assert [e['GLIBC_TUNABLES'] for e in starts] == ([] if reporting else ['glibc.malloc.hugetlb=1'])
     assert 'no libjemalloc.so.2' in capsys.readouterr().err  # asked for by name: says why not
