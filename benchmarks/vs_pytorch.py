@@ -34,7 +34,8 @@ where the pretrained package is not installed.
 End to end: the wall time from launch to the final test metrics of `python -m jft.main --config=...` (a cold
 start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
 texts (exported from jft's fortunes8 builder beforehand, so neither pays for building the dataset), run one after
-the other; prints both times, their ratio and both test accuracies.
+the other; prints both times, their ratio, where each one's time went (setup, training, validation, checkpoints,
+test; for jft also its compilations, from the test record's `seconds`) and both test accuracies.
 """
 
 import contextlib
@@ -88,8 +89,10 @@ def torch_python(venv: str) -> str:
   if not python.exists():
     print(f'creating the PyTorch environment {venv} (once) ...', flush=True)
     subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
-    subprocess.run([str(python), '-m', 'pip', 'install', '-q', '--extra-index-url', TORCH_INDEX, *TORCH_PACKAGES],
-                   check=True)
+    # One retry: where PyTorch's index cannot be reached (a wheel of torch on disk or PyPI mirrors only), pip's
+    # default five retries with backoff on every package made this take minutes.
+    subprocess.run([str(python), '-m', 'pip', 'install', '-q', '--retries=1', '--extra-index-url', TORCH_INDEX,
+                    *TORCH_PACKAGES], check=True)
   return str(python)
 
 
@@ -234,6 +237,12 @@ def end_to_end(python: str) -> None:
   print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f}')
   print(f'{"PyTorch":8s} {torch_s:8.0f} {torch_result["test_accuracy"]:13.3f}')
   print(f'jft / PyTorch wall time: {jft_s / torch_s:.2f}')
+  phases = ('setup', 'train', 'validation', 'checkpoint', 'test', 'compile')
+  print(f'where the wall time went (s; compile: jft making its programs, inside the other phases):\n'
+        f'{"":8s} ' + ' '.join(f'{name:>10s}' for name in phases))
+  for name, seconds in (('jft', jft_test.get('seconds', {})), ('PyTorch', torch_result.get('seconds', {}))):
+    cells = (f'{seconds[phase]:10.1f}' if phase in seconds else f'{"-":>10s}' for phase in phases)
+    print(f'{name:8s} ' + ' '.join(cells))
   print('validation accuracy by step:')
   for ours, theirs in zip(jft_curve, torch_result['validation'], strict=False):
     print(f'  {ours["step"]:5d}  jft {ours["validation_accuracy"]:.3f}  PyTorch {theirs["validation_accuracy"]:.3f}')

@@ -30,6 +30,7 @@ from jft import (
   optim,
   pmap_backend,
   preemption,
+  run_time,
   sharding,
   tree_paths,
 )
@@ -52,6 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   and `preemption.Preempted` after saving the step at which `preempted` (the command line's signal watch) fired.
   """
   started = time.perf_counter()
+  clock = run_time.RunTime()  # where the wall time goes: the test record's `seconds`
   workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
   # Setup: every config check runs here, before anything is written.
   config_checks.check(config)
@@ -169,6 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_step = config.total_steps if stopper is None or not stopper.stop else first_step - 1  # stopped early before
   bar = tqdm.tqdm(range(first_step, last_step + 1), initial=first_step - 1, total=config.total_steps,
                   unit='step', mininterval=1.0, disable=jax.process_index() != 0)
+  clock.add('setup', time.perf_counter() - started)
   for step in bar:
     state = runner.before_step(step, state)
     for hook in hooks:
@@ -203,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise divergence.Diverged(f'{e} {_last_good_checkpoint(checkpoints)}') from None
     validation, stopped_early, rank = None, False, False
     if evaluate_now:
-      validation = evaluate(config.data.validation_split, state)
+      with clock.phase('validation'):
+        validation = evaluate(config.data.validation_split, state)
       writer.write(step, 'validation', validation)
       # A pruning run's best is picked among its states at the final sparsity: the others are not ranked.
       rank = pruner is None or pruner.at_target(step)
@@ -214,8 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         save |= stopped_early
     if save:
       records = {'best': best.to_json(), **({'early_stopping': stopper.to_json()} if stopper else {})}
-      checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation if rank else None,
-                       progress=records)
+      with clock.phase('checkpoint'):
+        checkpoints.save(state, train_batches.get_state(), config_json, metrics=validation if rank else None,
+                         progress=records)
     if stop:
       bar.close()
       checkpoints.wait()
@@ -229,14 +234,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       break
     log.resume_clock()  # steps_per_sec counts training alone, not the evaluations and saves
   bar.close()
-  checkpoints.wait()
+  with clock.phase('checkpoint'):
+    checkpoints.wait()
 
-  tested, tested_step = state, int(state.step)
-  if test_on == 'best':  # the first step of the best result, if orbax kept it among equals
-    tested_step = best.step if best.step in checkpoints.all_steps() else checkpoints.best_step() or tested_step
-  if tested_step != int(state.step):
-    tested, _ = restore(tested_step)[1]
-  test, predictions = evaluate(config.data.test_split, tested, keep_predictions=True)
+  with clock.phase('test'):
+    tested, tested_step = state, int(state.step)
+    if test_on == 'best':  # the first step of the best result, if orbax kept it among equals
+      tested_step = best.step if best.step in checkpoints.all_steps() else checkpoints.best_step() or tested_step
+    if tested_step != int(state.step):
+      tested, _ = restore(tested_step)[1]
+    test, predictions = evaluate(config.data.test_split, tested, keep_predictions=True)
   if jax.process_index() == 0:  # each test example's prediction, for paired tests between runs (metrics.mcnemar)
     (workdir / PREDICTIONS).write_text(json.dumps({
         'step': int(tested.step), 'split': config.data.test_split,
@@ -245,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   test.update(tested_step=int(tested.step), test_on=test_on)
   if stopper is not None and stopper.stop:
     test['stopped_early'] = True
+  test['seconds'] = clock.summary()
   writer.write(int(state.step), 'test', test)
   checkpoints.close()
   writer.close()

@@ -37,6 +37,13 @@ def test_workdir_follows_the_contract(quick_run):
   assert 0 < test['macro_f1'] <= 1 and len(test['confusion_matrix']) == 10
   assert sum(map(sum, test['confusion_matrix'])) == 1000
   assert json.loads(result.stdout.strip().splitlines()[-1])['accuracy'] == test['accuracy']
+  # Where the run's time went: disjoint phases adding up to the total, and the compilations inside them.
+  seconds = test['seconds']
+  assert set(seconds) == {'total', 'setup', 'train', 'validation', 'checkpoint', 'test', 'compile'}
+  assert all(value > 0 for value in seconds.values()), seconds
+  phases = sum(value for name, value in seconds.items() if name not in ('total', 'compile'))
+  assert phases == pytest.approx(seconds['total'], rel=1e-6)
+  assert seconds['compile'] < seconds['total']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(os.path.join(workdir, 'tensorboard')))
 
 
