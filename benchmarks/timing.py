@@ -28,7 +28,7 @@ def amd_core(family: int, model: int) -> str | None:
 
 def machine() -> str:
   """This machine in one line, for every number printed: CPU model, family and model numbers (and an AMD CPU's core
-  generation), cores jax sees, the widest vector ISA."""
+  generation), cores jax sees, the widest vector ISA (and AMX, where the CPU has it)."""
   import os  # noqa: PLC0415 (only this helper needs them)
   import platform  # noqa: PLC0415
   model, flags, numbers, vendor = platform.processor() or platform.machine(), set(), {}, ''
@@ -47,6 +47,8 @@ def machine() -> str:
   except (OSError, ValueError):
     pass
   isa = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'
+  if 'amx_tile' in flags:  # Intel's matrix units (Sapphire Rapids and later), which oneDNN can use
+    isa += ' + AMX'
   family = ''
   if len(numbers) == 2:
     core = amd_core(numbers['cpu family'], numbers['model']) if vendor == 'AuthenticAMD' else None
