@@ -35,9 +35,10 @@ def compile_seconds() -> float:
 
 
 class RunTime:
-  """A run's wall clock split into named phases; whatever no phase claims is `train`."""
+  """A run's wall clock split into named phases (`phases`: reported even when they take no time); whatever no
+  phase claims is `train`."""
 
-  def __init__(self):
+  def __init__(self, phases: tuple[str, ...] = ()):
     global _listening
     if not _listening:
       import jax.monitoring  # noqa: PLC0415 (the listener is registered once, with the first clock)
@@ -45,7 +46,7 @@ class RunTime:
       jax.monitoring.register_event_duration_secs_listener(_add_compile_time)
       _listening = True
     self.start, self.compile_start = time.perf_counter(), _compile_seconds
-    self.phases = collections.Counter()
+    self.phases = collections.Counter(dict.fromkeys(phases, 0.0))
 
   @contextlib.contextmanager
   def phase(self, name: str) -> Iterator[None]:
@@ -58,6 +59,10 @@ class RunTime:
 
   def add(self, name: str, seconds: float) -> None:
     self.phases[name] += seconds
+
+  def since_start(self, name: str) -> None:
+    """Counts the time from the clock's start to now to phase `name` (e.g. the setup before a loop)."""
+    self.phases[name] += time.perf_counter() - self.start - sum(self.phases.values())
 
   def summary(self) -> dict[str, float]:
     """{'total', each phase, 'train' (the rest), 'compile' (inside the others)} in seconds."""

@@ -53,7 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   and `preemption.Preempted` after saving the step at which `preempted` (the command line's signal watch) fired.
   """
   started = time.perf_counter()
-  clock = run_time.RunTime()  # where the wall time goes: the test record's `seconds`
+  clock = run_time.RunTime(('setup', 'validation', 'checkpoint', 'test'))  # the test record's `seconds`
   workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
   # Setup: every config check runs here, before anything is written.
   config_checks.check(config)
@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_step = config.total_steps if stopper is None or not stopper.stop else first_step - 1  # stopped early before
   bar = tqdm.tqdm(range(first_step, last_step + 1), initial=first_step - 1, total=config.total_steps,
                   unit='step', mininterval=1.0, disable=jax.process_index() != 0)
-  clock.add('setup', time.perf_counter() - started)
+  clock.since_start('setup')
   for step in bar:
     state = runner.before_step(step, state)
     for hook in hooks:
