@@ -29,11 +29,6 @@ def _add_compile_time(event: str, duration_secs: float, **_) -> None:
     _compile_seconds += duration_secs
 
 
-def compile_seconds() -> float:
-  """Seconds this process has spent making programs since the first `RunTime` (all threads together)."""
-  return _compile_seconds
-
-
 class RunTime:
   """A run's wall clock split into named phases (`phases`: reported even when they take no time); whatever no
   phase claims is `train`."""
@@ -57,15 +52,12 @@ class RunTime:
     finally:
       self.phases[name] += time.perf_counter() - start
 
-  def add(self, name: str, seconds: float) -> None:
-    self.phases[name] += seconds
-
   def since_start(self, name: str) -> None:
     """Counts the time from the clock's start to now to phase `name` (e.g. the setup before a loop)."""
     self.phases[name] += time.perf_counter() - self.start - sum(self.phases.values())
 
   def summary(self) -> dict[str, float]:
-    """{'total', each phase, 'train' (the rest), 'compile' (inside the others)} in seconds."""
+    """{'total', each phase, 'train' (the rest), 'compile' (inside the others; all threads together)} in seconds."""
     total = time.perf_counter() - self.start
     return {'total': total, **self.phases, 'train': total - sum(self.phases.values()),
             'compile': _compile_seconds - self.compile_start}

@@ -52,7 +52,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Raises `divergence.Diverged` after more than `config.skip_nonfinite` steps with a NaN or inf loss or gradient,
   and `preemption.Preempted` after saving the step at which `preempted` (the command line's signal watch) fired.
   """
-  started = time.perf_counter()
   clock = run_time.RunTime(('setup', 'validation', 'checkpoint', 'test'))  # the test record's `seconds`
   workdir = epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
   # Setup: every config check runs here, before anything is written.
@@ -183,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     nonfinite.add(step, metrics['nonfinite'])
     if step == first_step:  # the one wait outside logging: setup, data, compilation (or its cache), one step
       jax.block_until_ready(metrics)
-      log.first_step_done({'seconds_to_first_step': time.perf_counter() - started,
+      log.first_step_done({'seconds_to_first_step': time.perf_counter() - clock.start,
                            'host_memory': host_memory.describe(),
                            **{f'compilation_cache_{k}': v for k, v in compilation_cache.counts().items()
                               if jax.config.jax_compilation_cache_dir}})
