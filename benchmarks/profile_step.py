@@ -1,6 +1,6 @@
 """Where the MiniLM fine-tuning step's time goes: a jax.profiler trace of the compiled step, per-op times summed.
 
-python benchmarks/profile_step.py [--length=128] [--top=30] [--pytorch]
+python benchmarks/profile_step.py [--length=128] [--top=30] [--dtype=float32|bfloat16] [--pytorch]
 Compiles the step with XLA's per-thunk trace events on, traces two steps, and prints the milliseconds per step
 of each kind of op (fusion names without their numbers) and of each model part (the op's `op_name` metadata:
 forward or backward, matmul or elementwise, the module path), summed over XLA's worker threads (which overlap,
@@ -24,6 +24,7 @@ from jft import host_memory, model_files
 
 _LENGTH = flags.DEFINE_integer('length', 128, 'tokens per example (batch 32)')
 _TOP = flags.DEFINE_integer('top', 30, 'rows of each table')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], "the compute dtype (config.model.dtype)")
 _PYTORCH = flags.DEFINE_bool('pytorch', False, "profile PyTorch's step instead (self CPU time per aten op)")
 STEPS = 2
 
@@ -65,7 +66,7 @@ def profile_pytorch(setup: MiniLMSetup) -> None:
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
-  setup = MiniLMSetup(32, _LENGTH.value)
+  setup = MiniLMSetup(32, _LENGTH.value, dtype=_DTYPE.value)
   if _PYTORCH.value:
     profile_pytorch(setup)
     return

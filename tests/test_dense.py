@@ -1,5 +1,8 @@
 """jft's dense matmul with its hand-written backward pass: the gradients of x @ kernel, checked against NumPy, and
-`Dense` against `flax.linen.Dense`; plus the weight gradient's form in the compiled program (the reason it exists)."""
+`Dense` against `flax.linen.Dense`; plus the weight gradient's form in the compiled program (the reason it exists),
+and bf16 on CPU: float32 accumulation, every product on bf16 operands in the compiled program."""
+
+import re
 
 import flax.linen as nn
 import jax
@@ -7,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft.models.dense import Dense, matmul
+from jft.models.dense import Dense, add_bias, matmul
+
+bfloat16 = jnp.bfloat16
 
 
 def arrays(*shapes, seed=0):
@@ -68,3 +73,46 @@ def test_weight_gradient_is_one_dot_over_the_tokens_without_a_transposed_copy():
   assert 'f32[256,512]' not in entry  # the [tokens=512, out=256] gradient, transposed
   np.testing.assert_allclose(grad(jnp.asarray(kernel)),
                              x.reshape(-1, 64).T @ np.cos(x.reshape(-1, 64) @ kernel), rtol=1e-4, atol=1e-4)
+
+
+def compiled_dots(program: str) -> list[tuple[str, str]]:
+  """(parameter types, result type) of each computation of a compiled HLO program that holds a `dot`."""
+  computations = re.findall(r'^%\S+ \(([^)]*)\) -> (\S+) \{\n(.*?)^\}', program, re.M | re.S)
+  return [(params, result) for params, result, body in computations if ' dot(' in body]
+
+
+@pytest.mark.parametrize('x_shape', [(24, 16), (3, 8, 16), (2, 3, 4, 16)])
+def test_bfloat16_values_and_gradients_are_float32_sums_of_the_bf16_operands(x_shape):
+  """bf16 operands: each product (and the bias gradient) sums in float32 and is rounded once to bf16, here
+  against NumPy's float64 sums of the same bf16 values, to bf16's 8 bits. On CPU the weight gradient multiplies a
+  transposed copy of x: a wrong transpose would scramble it."""
+  x, kernel, bias, upstream = (jnp.asarray(a, jnp.bfloat16) for a in arrays(x_shape, (16, 12), (12,),
+                                                                             (*x_shape[:-1], 12)))
+  forward = lambda x, kernel, bias: add_bias(matmul(x, kernel), bias)
+  out, vjp = jax.vjp(forward, x, kernel, bias)
+  grads = vjp(upstream)
+  assert out.dtype == bfloat16 and all(g.dtype == bfloat16 for g in grads)
+  x64, kernel64, upstream64 = (np.asarray(a, np.float64) for a in (x, kernel, upstream))
+  tokens, upstream_tokens = x64.reshape(-1, 16), upstream64.reshape(-1, 12)
+  expected = (x64 @ kernel64 + np.asarray(bias, np.float64), upstream64 @ kernel64.T, tokens.T @ upstream_tokens,
+              upstream_tokens.sum(0))
+  for ours, reference in zip((out, *grads), expected, strict=True):
+    np.testing.assert_allclose(np.asarray(ours, np.float64), reference, rtol=2**-8,
+                               atol=2**-8 * np.abs(reference).max())
+
+
+def test_bfloat16_dense_on_cpu_multiplies_bf16_operands_into_float32():
+  """XLA's CPU backend gives a bf16 product to YNNPACK (AMX / AVX512-BF16 kernels) only with a float32 result and
+  the contracted axis minor in both operands; a bf16 result, or the weight gradient contracting the token axis,
+  makes it convert both operands and multiply in float32 (5-7x slower on an Intel Xeon with AMX,
+  benchmarks/README.md). The bias gradient sums in float32: bf16's became a slow reduce-window."""
+  module = Dense(64, dtype=jnp.bfloat16)
+  x = jnp.asarray(arrays((8, 16, 32))[0])
+  variables = module.init(jax.random.PRNGKey(0), x)
+  grad = jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x).astype(jnp.float32))), argnums=(0, 1)))
+  program = grad.lower(variables, x).compile().as_text()
+  dots = compiled_dots(program)
+  # The forward product, the input's gradient and the kernel's: bf16 operands, float32 results.
+  assert len(dots) == 3 and all(set(re.findall(r'(\w+)\[', params)) == {'bf16'} and result.startswith('f32[')
+                                for params, result in dots), dots
+  assert 'reduce-window' not in program
