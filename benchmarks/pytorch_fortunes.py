@@ -2,17 +2,20 @@
 of benchmarks/vs_pytorch.py. Runs only in the PyTorch virtual environment.
 
 python pytorch_fortunes.py --data=SPLITS.json --model_dir=DIR --steps=700 --warmup_steps=70 --eval_every=100
+                           [--autocast=bfloat16]
 SPLITS.json: {"train": {"texts": [...], "labels": [...]}, "validation": {...}, "test": {...}}, written by
 vs_pytorch.py from jft's own fortunes8 builder, so both read the same texts. The recipe is jft's: the MiniLM
 tokenizer (tokenizer.json, truncation at 128 tokens), batch 32, length-grouped batches (shuffled, sorted by length
 within windows of 64 batches, padded to the longest text of the batch: as transformers' `group_by_length`),
 mean pooling, a new head, dropout 0.1, AdamW (lr 1e-4, weight decay 0.01 but not on biases and LayerNorm),
 linear warmup and decay, clipping at norm 1.0; validation every `eval_every` steps and test at the end.
+`--autocast=bfloat16`: the forward passes (and the loss) under `torch.autocast`, as jft's `model.dtype='bfloat16'`.
 Prints one JSON line: the wall time from start to the test metrics (and, as `seconds`, how it splits into setup,
 training, validation and test, as jft's test record does) and the test accuracy.
 """
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -53,11 +56,16 @@ def epoch_batches(lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndar
   return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def accuracy(model, ids: list[list[int]], labels: np.ndarray) -> float:
+def precision(autocast: str | None):
+  """The context the forward passes run in: torch.autocast to `autocast` (e.g. 'bfloat16'), or float32."""
+  return torch.autocast('cpu', dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+
+
+def accuracy(model, ids: list[list[int]], labels: np.ndarray, autocast: str | None = None) -> float:
   model.eval()
   order = np.argsort([len(row) for row in ids], kind='stable')
   correct = 0
-  with torch.inference_mode():
+  with torch.inference_mode(), precision(autocast):
     for start in range(0, len(order), BATCH):
       chunk = order[start:start + BATCH]
       logits = model(**pad([ids[i] for i in chunk]))
@@ -69,7 +77,7 @@ def accuracy(model, ids: list[list[int]], labels: np.ndarray) -> float:
 def main():
   parser = argparse.ArgumentParser()
   for name, kind in (('data', str), ('model_dir', str), ('steps', int), ('warmup_steps', int), ('eval_every', int),
-                     ('lr', float), ('weight_decay', float), ('seed', int), ('max_len', int)):
+                     ('lr', float), ('weight_decay', float), ('seed', int), ('max_len', int), ('autocast', str)):
     parser.add_argument(f'--{name}', type=kind)
   parser.set_defaults(lr=1e-4, weight_decay=0.01, seed=0, max_len=128)
   args = parser.parse_args()
@@ -89,8 +97,9 @@ def main():
       batches = epoch_batches(lengths, rng)
     chunk = batches.pop()
     optimizer.zero_grad(set_to_none=True)
-    logits = model(**pad([ids['train'][i] for i in chunk]))
-    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels['train'][chunk]))
+    with precision(args.autocast):
+      logits = model(**pad([ids['train'][i] for i in chunk]))
+      loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels['train'][chunk]))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -98,10 +107,11 @@ def main():
     step += 1
     if step % args.eval_every == 0 or step == args.steps:
       start = time.perf_counter()
-      curve.append({'step': step, 'validation_accuracy': accuracy(model, ids['validation'], labels['validation'])})
+      validation = accuracy(model, ids['validation'], labels['validation'], args.autocast)
+      curve.append({'step': step, 'validation_accuracy': validation})
       seconds['validation'] += time.perf_counter() - start
   start = time.perf_counter()
-  test_accuracy = accuracy(model, ids['test'], labels['test'])
+  test_accuracy = accuracy(model, ids['test'], labels['test'], args.autocast)
   seconds['test'] = time.perf_counter() - start
   seconds['total'] = time.perf_counter() - START
   seconds['train'] = seconds['total'] - seconds['setup'] - seconds['validation'] - seconds['test']

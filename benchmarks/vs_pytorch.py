@@ -6,7 +6,7 @@ python benchmarks/vs_pytorch.py [--lengths=32,64,128] [--rounds=5] [--round_size
                                 [--matmul_precision=default|float32] [--dtype=float32|bfloat16]
                                 [--torch_allocator=system|jft]
 python benchmarks/vs_pytorch.py --mode=end_to_end [--torch_allocator=system|jft] [--config=configs/minilm_fortunes.py]
-                                [--config.FIELD=VALUE]
+                                [--dtype=float32|bfloat16] [--config.FIELD=VALUE]
 
 Both fine-tune the same classifier on the same batch of 32 token sequences: the pretrained MiniLM encoder,
 mean pooling, a new 8-way head, dropout on, AdamW with linear warmup/decay, clipping at global norm 1.0.
@@ -35,7 +35,8 @@ End to end: the wall time from launch to the final test metrics of `python -m jf
 start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
 texts (exported from jft's fortunes8 builder beforehand, so neither pays for building the dataset), run one after
 the other; prints both times, their ratio, where each one's time went (setup, training, validation, checkpoints,
-test; for jft also its compilations, from the test record's `seconds`) and both test accuracies.
+test; for jft also its compilations, from the test record's `seconds`) and both test accuracies. With
+`--dtype=bfloat16` both run in bf16 mixed precision, as in the step mode.
 """
 
 import contextlib
@@ -219,6 +220,8 @@ def end_to_end(python: str) -> None:
     overrides = [config_arg] + [arg for arg in sys.argv[1:] if arg.startswith('--config.')]
     jft_command = [sys.executable, '-m', 'jft.main', *overrides, f'--workdir={tmp}/jft', '--compilation_cache=off',
                    f'--config.data.data_dir={config.data.data_dir}']
+    if _DTYPE.value != 'float32':
+      jft_command.append(f'--config.model.dtype={_DTYPE.value}')
     print(f'machine: {machine()}; {host_memory_line()}\njft: {" ".join(jft_command[1:])}', flush=True)
     jft_s, out = timed_run(jft_command, cwd=repo)
     jft_test = json.loads(out.strip().splitlines()[-1])
@@ -229,7 +232,8 @@ def end_to_end(python: str) -> None:
                      f'--model_dir={model_files.pretrained_dir(config.init)}', f'--steps={config.total_steps}',
                      f'--warmup_steps={config.optim.warmup_steps}', f'--eval_every={config.eval_every}',
                      f'--lr={config.optim.lr}', f'--weight_decay={config.optim.weight_decay}',
-                     f'--seed={config.seed}', f'--max_len={config.data.max_len}']
+                     f'--seed={config.seed}', f'--max_len={config.data.max_len}',
+                     *([f'--autocast={_DTYPE.value}'] if _DTYPE.value != 'float32' else [])]
     print(f'PyTorch: {" ".join(torch_command[1:])}', flush=True)
     torch_s, out = timed_run(torch_command, env=torch_environment())
     torch_result = json.loads(out.strip().splitlines()[-1])
