@@ -12,8 +12,6 @@ import pytest
 
 from jft.models.dense import Dense, add_bias, matmul
 
-bfloat16 = jnp.bfloat16
-
 
 def arrays(*shapes, seed=0):
   rng = np.random.default_rng(seed)
@@ -91,7 +89,7 @@ def test_bfloat16_values_and_gradients_are_float32_sums_of_the_bf16_operands(x_s
   forward = lambda x, kernel, bias: add_bias(matmul(x, kernel), bias)
   out, vjp = jax.vjp(forward, x, kernel, bias)
   grads = vjp(upstream)
-  assert out.dtype == bfloat16 and all(g.dtype == bfloat16 for g in grads)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
   x64, kernel64, upstream64 = (np.asarray(a, np.float64) for a in (x, kernel, upstream))
   tokens, upstream_tokens = x64.reshape(-1, 16), upstream64.reshape(-1, 12)
   expected = (x64 @ kernel64 + np.asarray(bias, np.float64), upstream64 @ kernel64.T, tokens.T @ upstream_tokens,
@@ -104,7 +102,7 @@ def test_bfloat16_values_and_gradients_are_float32_sums_of_the_bf16_operands(x_s
 def test_bfloat16_dense_on_cpu_multiplies_bf16_operands_into_float32():
   """XLA's CPU backend gives a bf16 product to YNNPACK (AMX / AVX512-BF16 kernels) only with a float32 result and
   the contracted axis minor in both operands; a bf16 result, or the weight gradient contracting the token axis,
-  makes it convert both operands and multiply in float32 (5-7x slower on an Intel Xeon with AMX,
+  makes it convert both operands and multiply in float32 (3-7x slower on an Intel Xeon with AMX,
   benchmarks/README.md). The bias gradient sums in float32: bf16's became a slow reduce-window."""
   module = Dense(64, dtype=jnp.bfloat16)
   x = jnp.asarray(arrays((8, 16, 32))[0])

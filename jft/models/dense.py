@@ -13,7 +13,7 @@ to YNNPACK's bf16 kernels (AMX, AVX512-BF16) only if it accumulates into a float
 axis of both operands; otherwise it converts both operands and multiplies in float32. So there each product sums
 in float32 and is rounded once to bf16 (what a bf16 matmul on an accelerator does too), the weight gradient
 multiplies a transposed copy of x, and `add_bias` sums the bias gradient in float32 (a bf16 sum became a slow
-reduce-window). On an Intel Xeon with AMX that made the bf16 MiniLM step 1.8x faster (benchmarks/README.md).
+reduce-window). On an Intel Xeon with AMX that made the bf16 MiniLM step 1.7x faster (benchmarks/README.md).
 Other backends and float32 get the same program as before.
 
 `Dense` is `flax.linen.Dense` (same `kernel` and `bias` parameters, initialisers and dtype handling) on top of it.
@@ -100,4 +100,3 @@ class Dense(nn.Module):
     bias = self.param('bias', self.bias_init, (self.features,))
     y, bias = matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias.astype(self.dtype)
     return add_bias(y, bias) if _bf16_on_cpu(y.dtype) else y + bias
-
