@@ -15,7 +15,6 @@ training, validation and test, as jft's test record does) and the test accuracy.
 """
 
 import argparse
-import contextlib
 import json
 import time
 
@@ -24,7 +23,7 @@ START = time.perf_counter()
 import numpy as np  # noqa: E402
 import tokenizers  # noqa: E402
 import torch  # noqa: E402
-from pytorch_minilm import MeanPoolClassifier, make_optimizer  # noqa: E402
+from pytorch_minilm import MeanPoolClassifier, autocast_context, make_optimizer  # noqa: E402
 
 BATCH = 32
 SORT_WINDOW = 64
@@ -56,16 +55,11 @@ def epoch_batches(lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndar
   return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def precision(autocast: str | None):
-  """The context the forward passes run in: torch.autocast to `autocast` (e.g. 'bfloat16'), or float32."""
-  return torch.autocast('cpu', dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
-
-
 def accuracy(model, ids: list[list[int]], labels: np.ndarray, autocast: str | None = None) -> float:
   model.eval()
   order = np.argsort([len(row) for row in ids], kind='stable')
   correct = 0
-  with torch.inference_mode(), precision(autocast):
+  with torch.inference_mode(), autocast_context('cpu', autocast):
     for start in range(0, len(order), BATCH):
       chunk = order[start:start + BATCH]
       logits = model(**pad([ids[i] for i in chunk]))
@@ -97,7 +91,7 @@ def main():
       batches = epoch_batches(lengths, rng)
     chunk = batches.pop()
     optimizer.zero_grad(set_to_none=True)
-    with precision(args.autocast):
+    with autocast_context('cpu', args.autocast):
       logits = model(**pad([ids['train'][i] for i in chunk]))
       loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels['train'][chunk]))
     loss.backward()

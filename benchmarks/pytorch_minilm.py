@@ -31,6 +31,14 @@ import torch
 import transformers
 
 
+def autocast_context(device: str, autocast: str | None):
+  """torch.autocast on `device` ('cpu', 'cuda:0') to the dtype named `autocast` (e.g. 'bfloat16'), or nothing
+  (float32) for None: PyTorch's mixed precision, the weights staying float32."""
+  if autocast is None:
+    return contextlib.nullcontext()
+  return torch.autocast(device.split(':')[0], dtype=getattr(torch, autocast))
+
+
 class MeanPoolClassifier(torch.nn.Module):
 
   def __init__(self, model_dir: str, num_classes: int, head_dropout: float):
@@ -82,9 +90,7 @@ class Worker:
 
   def precision(self):
     """The context the forward pass runs in: torch.autocast to `self.autocast`, or nothing (float32)."""
-    if self.autocast is None:
-      return contextlib.nullcontext()
-    return torch.autocast(self.device.split(':')[0], dtype=getattr(torch, self.autocast))
+    return autocast_context(self.device, self.autocast)
 
   def device_name(self) -> str:
     return torch.cuda.get_device_name(self.device) if self.device.startswith('cuda') else 'cpu'
