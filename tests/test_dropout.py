@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from jft.models import dropout
 from jft.models.dropout import Dropout
@@ -97,18 +98,51 @@ def test_bits_are_those_of_jax_philox4x32(shape):
 
 @pytest.mark.parametrize('rate', [0.1, 0.5, 0.3, 1e-7, 0.999])
 def test_masks_are_nn_dropout_with_a_philox_key(rate):
-  # The module draws its key data from the 'dropout' stream; nn.Dropout with the Philox key of that data is the
+  # The module's Philox key is the data of its key from the 'dropout' stream; nn.Dropout with that Philox key is the
   # reference (what jft's Dropout was before its Philox rounds were written out), in float32 and bfloat16.
   class Reference(nn.Module):
     @nn.compact
     def __call__(self, x):
-      key = philox_key(jax.random.bits(self.make_rng('dropout'), (2,), jnp.uint32))
+      key = philox_key(jax.random.key_data(self.make_rng('dropout')))
       return nn.Dropout(rate, deterministic=False)(x, rng=key)
 
   for dtype in (jnp.float32, jnp.bfloat16):
     x = jax.random.normal(jax.random.PRNGKey(5), (4, 6, 16, 16), dtype)
     rngs = {'dropout': jax.random.PRNGKey(3)}
     np.testing.assert_array_equal(Dropout(rate).apply({}, x, rngs=rngs), Reference().apply({}, x, rngs=rngs))
+
+
+def test_philox_key_is_the_site_keys_own_data_or_drawn_from_it():
+  threefry = jax.random.fold_in(jax.random.PRNGKey(7), 3)
+  np.testing.assert_array_equal(dropout.philox_key_data(threefry), threefry)
+  np.testing.assert_array_equal(dropout.philox_key_data(jax.random.key(7)), jax.random.key_data(jax.random.key(7)))
+  rbg = jax.random.key(7, impl='rbg')  # four words: two are drawn from it instead
+  np.testing.assert_array_equal(dropout.philox_key_data(rbg), jax.random.bits(rbg, (2,), jnp.uint32))
+  out = Dropout(0.5).apply({}, jnp.ones((8, 8)), rngs={'dropout': rbg})
+  assert 0 < np.mean(np.asarray(out) == 0) < 1
+
+
+def _philox_fusions(keep_fn) -> int:
+  """How many of the compiled program's computations run Philox rounds (hold an xor) for a dropout mask read by
+  a layer norm and by the backward pass, as in a BERT layer."""
+  shape = (8, 16, 32)
+
+  def loss(x, key_data):
+    y = lax.select(keep_fn(key_data, shape), x / 0.9, jnp.zeros_like(x))
+    centred = y - y.mean(-1, keepdims=True)
+    return jnp.sum(centred * lax.rsqrt((centred**2).mean(-1, keepdims=True) + 1e-12))
+
+  compiled = jax.jit(jax.grad(loss)).lower(jnp.ones(shape), jnp.array([1, 2], jnp.uint32)).compile().as_text()
+  computations = compiled.split('\n\n')
+  return sum(' xor(' in computation for computation in computations)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="the stored mask is XLA's CPU program")
+def test_each_mask_is_computed_once_on_cpu():
+  assert _philox_fusions(lambda key_data, shape: dropout.keep_mask(key_data, 0.9, shape)) == 1
+  # What this guards against: the same mask without stored_once is computed again by each op that reads it.
+  recomputed = _philox_fusions(lambda key_data, shape: (dropout.random_bits(key_data, shape) >> 9) < 7549748)
+  assert recomputed >= 2, recomputed
 
 
 def test_products_and_index_words_are_exact_64_bit_arithmetic():
