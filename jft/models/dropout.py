@@ -12,11 +12,11 @@ jaxlib 0.10.2 cannot compile for an array sharded over several devices under Sha
 ("Unable to convert MHLO to StableHLO"): a BERT with dropout on a mesh of more than one device would not compile.
 Here the high half of each product comes from an explicit uint64 multiply, which every partitioner handles.
 
-Two choices keep the compiled step small (benchmarks/README.md, "dropout masks"): the Philox key is the module's
-own dropout key (two words of jax's default threefry2x32, already a hash of the seed, the step and the module's
-path) rather than two words drawn from it, which on CPU costs a threefry loop per dropout site; and on CPU each
-mask is computed once and kept in memory, one byte an element (`stored_once`), rather than recomputed by every op
-that reads it.
+Two choices keep the compiled step small (benchmarks/README.md, "What each change bought", item 6): the Philox
+key is the module's own dropout key (two words of jax's default threefry2x32, already a hash of the seed, the
+step and the module's path) rather than two words drawn from it, which on CPU costs a threefry loop per dropout
+site; and on CPU each mask is computed once and kept in memory, one byte an element (`stored_once`), rather than
+recomputed by every op that reads it.
 """
 
 import functools
@@ -104,7 +104,7 @@ def stored_once(keep: jax.Array) -> jax.Array:
   multiplies and xors look cheap to it: MiniLM's step computed each mask 3-4 times (the forward op, the layer
   norm's statistics, the backward op), half of the compiled program's instructions. An integer remainder is one of
   the ops XLA's cost model calls expensive and does not copy, so the mask ends in one (`% 3` of a 0 or 1: the same
-  value) and the ops that read it read the stored bytes. Measured on a 2-core Xeon: the step 2-7% faster, its
+  value) and the ops that read it read the stored bytes. Measured on a 2-core Xeon: the step 2-8% faster, its
   compilation 10-20% and its load from the compilation cache 25-30% (benchmarks/README.md)."""
   return (keep.astype(jnp.uint8) % np.uint8(3)).astype(jnp.bool_)
 
