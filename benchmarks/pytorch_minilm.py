@@ -88,17 +88,13 @@ class Worker:
             'threads': torch.get_num_threads(), 'device': self.device_name(),
             'attention': getattr(self.model.encoder.config, '_attn_implementation', None)}
 
-  def precision(self):
-    """The context the forward pass runs in: torch.autocast to `self.autocast`, or nothing (float32)."""
-    return autocast_context(self.device, self.autocast)
-
   def device_name(self) -> str:
     return torch.cuda.get_device_name(self.device) if self.device.startswith('cuda') else 'cpu'
 
   def train_step(self, inputs, labels) -> float:
     self.model.train()
     self.optimizer.zero_grad(set_to_none=True)
-    with self.precision():
+    with autocast_context(self.device, self.autocast):
       loss = torch.nn.functional.cross_entropy(self.model(**inputs), labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
@@ -121,7 +117,7 @@ class Worker:
     batch.pop('label', None)
     self.model.eval()
     times = []
-    with torch.inference_mode(), self.precision():
+    with torch.inference_mode(), autocast_context(self.device, self.autocast):
       for _ in range(steps):
         start = time.perf_counter()
         self.model(**batch).sum().item()

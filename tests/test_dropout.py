@@ -1,7 +1,6 @@
 """jft's Dropout (Philox bits): the same semantics as nn.Dropout, bit for bit the mask of jax's own Philox 4x32
 generator, a mask XLA can fuse on CPU, and one that compiles on an array sharded over several devices."""
 
-import math
 import os
 import subprocess
 import sys
@@ -142,10 +141,7 @@ def _philox_fusions(keep_fn) -> int:
 def test_each_mask_is_computed_once_on_cpu():
   assert _philox_fusions(lambda key_data, shape: dropout.keep_mask(key_data, 0.9, shape)) == 1
   # What this guards against: the same mask without stored_once is computed again by each op that reads it.
-  threshold = np.uint32(math.ceil(float(np.float32(0.9)) * 2**dropout.MANTISSA_BITS))
-  def unstored(key_data, shape):
-    return (dropout.random_bits(key_data, shape) >> (32 - dropout.MANTISSA_BITS)) < threshold
-  recomputed = _philox_fusions(unstored)
+  recomputed = _philox_fusions(lambda key_data, shape: dropout.bernoulli_keep(key_data, 0.9, shape))
   assert recomputed >= 2, recomputed
 
 

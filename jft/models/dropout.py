@@ -86,14 +86,19 @@ def random_bits(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return out[0] ^ out[1] ^ out[2] ^ out[3]
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def keep_mask(key_data: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+def bernoulli_keep(key_data: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
   """True where an element is kept, with probability `keep_prob`: `jax.random.bernoulli(key, keep_prob, shape)` for
   the Philox key of `key_data`, bit for bit. That draws u = m / 2^23 from the top 23 bits m and keeps u < p (p in
-  float32); the same as m < ceil(p * 2^23), compared here in integers. Jitted: a model's dropout sites of one shape
-  share one trace (XLA inlines the calls): about a fifth off tracing MiniLM's train step."""
+  float32); the same as m < ceil(p * 2^23), compared here in integers."""
   threshold = math.ceil(float(np.float32(keep_prob)) * 2**MANTISSA_BITS)
-  keep = (random_bits(key_data, shape) >> (32 - MANTISSA_BITS)) < np.uint32(threshold)
+  return (random_bits(key_data, shape) >> (32 - MANTISSA_BITS)) < np.uint32(threshold)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def keep_mask(key_data: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+  """`bernoulli_keep`, stored once on CPU. Jitted: a model's dropout sites of one shape share one trace (XLA
+  inlines the calls): about a fifth off tracing MiniLM's train step."""
+  keep = bernoulli_keep(key_data, keep_prob, shape)
   return stored_once(keep) if jax.default_backend() == 'cpu' else keep
 
 
@@ -102,10 +107,11 @@ def stored_once(keep: jax.Array) -> jax.Array:
 
   XLA's fusion copies an elementwise producer it deems cheap into every op that reads it, and Philox's ten rounds of
   multiplies and xors look cheap to it: MiniLM's step computed each mask 3-4 times (the forward op, the layer
-  norm's statistics, the backward op), half of the compiled program's instructions. An integer remainder is one of
-  the ops XLA's cost model calls expensive and does not copy, so the mask ends in one (`% 3` of a 0 or 1: the same
-  value) and the ops that read it read the stored bytes. Measured on a 2-core Xeon: the step 2-8% faster, its
-  compilation 10-20% and its load from the compilation cache 25-30% (benchmarks/README.md)."""
+  norm's statistics, the backward op), over two fifths of the compiled program's instructions. An integer
+  remainder is one of the ops XLA's cost model calls expensive and does not copy, so the mask ends in one (`% 3` of
+  a 0 or 1: the same value) and the ops that read it read the stored bytes. Measured on a 2-core Xeon at 32 x 64:
+  compilation 5.8 -> 4.0 s, the load from the compilation cache 1.47-1.75 -> 0.95-1.16 s
+  (benchmarks/trace_step.py), the step 2-8% faster (benchmarks/README.md)."""
   return (keep.astype(jnp.uint8) % np.uint8(3)).astype(jnp.bool_)
 
 
