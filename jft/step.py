@@ -68,10 +68,6 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainab
 
     (loss, (logits, model_state)), trainable_grads = jax.value_and_grad(objective, has_aux=True)(trainable_params)
     trainable_grads, model_state = mean_over_devices((trainable_grads, model_state))
-    # Frozen parameters get zero gradients, which the optimizer's freezing discards (XLA removes them).
-    grads = rules.merge_trainable(trainable_grads, jax.tree.map(jnp.zeros_like, frozen_params))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_trainable = optax.apply_updates(trainable_params, rules.split_trainable(updates, mask)[0])
     metrics = mean_over_devices({
         'loss': loss,
         # Over the labelled examples: a label of -1 marks a text only a teacher labels (jft/distill.py).
@@ -79,10 +75,17 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, trainab
                     / jnp.maximum(jnp.sum(batch['label'] >= 0), 1),
         'grad_norm': optax.tree.norm(trainable_grads),
     })
+
+    def apply_update():
+      # Frozen parameters get zero gradients, which the optimizer's freezing discards (XLA removes them).
+      grads = rules.merge_trainable(trainable_grads, jax.tree.map(jnp.zeros_like, frozen_params))
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(trainable_params, rules.split_trainable(updates, mask)[0]), opt_state, model_state
+
     # A NaN or inf loss or gradient: the update is not applied (jft/divergence.py); the step still counts.
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
-    new_trainable, opt_state, model_state = divergence.keep_if_finite(
-        finite, (new_trainable, opt_state, model_state), (trainable_params, state.opt_state, state.model_state))
+    new_trainable, opt_state, model_state = divergence.update_if_finite(
+        finite, apply_update, (trainable_params, state.opt_state, state.model_state))
     params = rules.merge_trainable(new_trainable, frozen_params)  # frozen: the very same arrays
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     return new_state, {**metrics, 'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}

@@ -163,3 +163,17 @@ def test_mu_dtype_stores_the_first_moment_in_bf16_and_the_rest_in_float32():
   assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype('float32')}
   with pytest.raises(UserError, match='config.optim.mu_dtype'):
     optim.make_optimizer(ml_collections.ConfigDict({**config.to_dict(), 'mu_dtype': 'int8'}), 10)
+
+
+
+def test_bfloat16_bert_step_on_cpu_sums_no_bias_gradient_as_a_reduce_window():
+  """Every bias after a product, the attention output's too (an einsum, not a `Dense`), sums its bf16 gradient over
+  the tokens in float32 (`dense.plus_bias`); a bf16 sum compiles on CPU to a reduce-window over the [batch, length,
+  hidden] gradient, 10x slower (benchmarks/README.md)."""
+  module, batch = MODELS['bert'][0].clone(dtype='bfloat16'), text_batch(16, 64)
+  state, train_step = state_and_step(module, batch)
+  program = train_step.lower(state, batch).compile().as_text()
+  computations = re.findall(r'^%\S+ \(([^)]*)\) -> \S+ \{\n(.*?)^\}', program, re.M | re.S)
+  over_tokens = [params for params, body in computations
+                 if ' reduce-window(' in body and f'[16,64,{CONFIG.hidden_size}]' in params]
+  assert not over_tokens, over_tokens

@@ -131,6 +131,20 @@ def test_update_with_a_nonfinite_loss_is_not_applied_but_the_step_counts():
   assert int(metrics['nonfinite']) == 0 and int(state.opt_state[0].count) == 2  # the skipped step left no trace
 
 
+def test_the_skip_copies_no_optimizer_state():
+  """The update runs under one `lax.cond` (`divergence.update_if_finite`), so XLA writes the new parameters and
+  moments over the donated old ones: a select between new and old state copied every moment on every step."""
+  tx = optax.adamw(0.1)
+  state = create_train_state({'w': jnp.ones((64, 32)), 'b': jnp.ones((32,))}, {}, tx, jax.random.PRNGKey(0))
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(lambda p, s, x, t, r: (x['x'] @ p['w'] + p['b'], s), tx), mesh)
+  batch = sharding.put_batch({'x': np.ones((4, 64), np.float32), 'label': np.zeros(4, np.int32)}, mesh)
+  program = train_step.lower(state, batch).compile().as_text()
+  entry = program[program.index('ENTRY'):]
+  assert not re.findall(r'= f32\[[\d,]*\]\S* copy\(', entry)
+
+
 def test_nonfinite_watch_skips_up_to_its_budget_then_names_the_step():
   watch = divergence.NonfiniteWatch(budget=2, advice='a lower learning rate')
   for step, flag in zip(range(1, 8), [0, 1, 0, 0, 1, 0, 0], strict=True):

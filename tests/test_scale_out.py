@@ -173,11 +173,15 @@ def test_resharding_restore_8_fsdp_to_1_to_4_devices_is_exact_and_continues(tmp_
   run_main(tmp_path / 'fsdp8', devices=4, data_dir=data_dir)
   run_main(tmp_path / 'four', devices=4, data_dir=data_dir)  # uninterrupted on 4 devices
   chained, uninterrupted = read_state(tmp_path / 'fsdp8', 30), read_state(tmp_path / 'four', 30)
+  # The device layouts sum in different orders, so the runs part in the last bits, and training can grow that: at
+  # this seed a few weights end up to 2e-5 apart (seeds 1 and 2: 2e-7; the step of 2026-12-02, whose results
+  # moved by one rounding, e.g. through a ReLU or max pool deciding otherwise on some example). A wrongly restored
+  # or resharded leaf would be off by the weights' own scale, about 0.1.
   for name in ('params', 'opt_state'):
     flat_chained = jax.tree.leaves(chained[name])
     flat_uninterrupted = jax.tree.leaves(uninterrupted[name])
     for a, b in zip(flat_chained, flat_uninterrupted, strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_killed_and_resumed_fsdp_run_ends_bit_identical(tmp_path, data_dir):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jft import config_checks, model_files
 from jft.errors import UserError
 from jft.models import precision
-from jft.models.dense import Dense
+from jft.models.dense import Dense, plus_bias
 from jft.models.dropout import Dropout
 
 ACTIVATIONS = {
@@ -155,7 +155,7 @@ class SelfAttention(nn.Module):
     context_BxHxLxK = jnp.einsum('bhqs,bshk->bhqk', probs, value_BxLxHxK)
     kernel, bias = LinearParams(hidden, hidden, config.initializer_range, name='output')()
     kernel_HxKxD = kernel.reshape(heads, head_dim, hidden).astype(self.dtype)
-    out = jnp.einsum('bhqk,hkd->bqd', context_BxHxLxK, kernel_HxKxD) + bias.astype(self.dtype)
+    out = plus_bias(jnp.einsum('bhqk,hkd->bqd', context_BxHxLxK, kernel_HxKxD), bias.astype(self.dtype))
     out = Dropout(config.hidden_dropout_prob, deterministic=not train)(out)
     return _layer_norm(config, 'layer_norm', self.dtype)(x_BxLxD + out)
 

@@ -86,6 +86,11 @@ def _add_bias_backward(_, dy):
 add_bias.defvjp(_add_bias_forward, _add_bias_backward)
 
 
+def plus_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """`y + bias`, through `add_bias` where it is bf16 on CPU (for any layer whose bias follows a product)."""
+  return add_bias(y, bias) if _bf16_on_cpu(y.dtype) else y + bias
+
+
 class Dense(nn.Module):
   """`nn.Dense(features)`: y = x @ kernel + bias, with the inputs and parameters cast to `dtype`."""
 
@@ -98,5 +103,4 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
     bias = self.param('bias', self.bias_init, (self.features,))
-    y, bias = matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias.astype(self.dtype)
-    return add_bias(y, bias) if _bf16_on_cpu(y.dtype) else y + bias
+    return plus_bias(matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias.astype(self.dtype))
