@@ -174,9 +174,9 @@ def test_resharding_restore_8_fsdp_to_1_to_4_devices_is_exact_and_continues(tmp_
   run_main(tmp_path / 'four', devices=4, data_dir=data_dir)  # uninterrupted on 4 devices
   chained, uninterrupted = read_state(tmp_path / 'fsdp8', 30), read_state(tmp_path / 'four', 30)
   # The device layouts sum in different orders, so the runs part in the last bits, and training can grow that: at
-  # this seed a few weights end up to 2e-5 apart (seeds 1 and 2: 2e-7; the step of 2026-12-02, whose results
-  # moved by one rounding, e.g. through a ReLU or max pool deciding otherwise on some example). A wrongly restored
-  # or resharded leaf would be off by the weights' own scale, about 0.1.
+  # this seed a few weights end up 2e-5 apart (since a change of 2026-12-02 moved the step's results by one
+  # rounding; seeds 1 and 2: 2e-7), likely a ReLU or max pool deciding otherwise on some example. A wrongly
+  # restored or resharded leaf would be off by the weights' own scale, about 0.1.
   for name in ('params', 'opt_state'):
     flat_chained = jax.tree.leaves(chained[name])
     flat_uninterrupted = jax.tree.leaves(uninterrupted[name])
