@@ -2,7 +2,7 @@
 (jft/lora.py), so any model gets it unedited.
 
 A target parameter w (`config.quantize.targets`, `re.fullmatch` over paths; default every kernel and embedding)
-is stored as int8 q = clip(round(w / s), -127, 127) with one float32 scale s = max|w| * float32(1/127) per
+is stored as int8 q = clip(round(w * (1/s)), -127, 127) with one float32 scale s = max|w| * float32(1/127) per
 channel (0 -> 1): per output channel (the last axis) for kernels, per row (token) for embedding tables
 (`channel_axis`). The model computes with dequantize(q, s) = float32(q) * s, exactly the values
 `jft.export --int8` stores and `load()` gives back. Zeros stay zeros (round(0) = 0), so pruning composes.
@@ -69,7 +69,9 @@ def quantize(weight: jax.Array, axis: int, xp=jnp) -> Quantized:
   # times the float32 of 1/127, not / 127: XLA and NumPy then round alike (XLA may turn a division into this)
   scales = xp.max(xp.abs(weight), axis=others, keepdims=True) * xp.float32(1 / QMAX)
   scales = xp.where(scales > 0, scales, xp.float32(1)).astype(xp.float32)
-  values = xp.clip(xp.round(weight / scales), -QMAX, QMAX).astype(xp.int8)
+  # times the float32 reciprocal of each scale, not / scales: XLA turns a division by a broadcast into that product
+  # in some programs and not in others, and NumPy divides, so one weight in about a million rounded otherwise
+  values = xp.clip(xp.round(weight * (xp.float32(1) / scales)), -QMAX, QMAX).astype(xp.int8)
   return Quantized(values, scales, axis)
 
 

@@ -27,7 +27,7 @@ def numpy_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
   for c in range(w.shape[0]):
     amax = np.abs(w[c]).max()
     s[c] = amax * np.float32(1 / 127) if amax > 0 else 1.0
-    q[c] = np.clip(np.round(w[c] / s[c]), -127, 127)
+    q[c] = np.clip(np.round(w[c] * (np.float32(1) / s[c])), -127, 127)
   return np.moveaxis(q, 0, axis), s
 
 
@@ -55,6 +55,26 @@ def test_int8_matches_numpy_and_dequantizes_exactly(shape, axis):
       want_s, tuple(a for a in range(len(shape)) if a != axis)))
   assert np.all(np.asarray(deq)[w == 0] == 0)  # zeros stay zeros: pruning composes
   assert np.max(np.abs(np.asarray(deq) - w)) <= np.max(np.abs(w)) / 254 * 1.0001  # half a step at most
+
+
+
+def test_weights_half_a_step_from_a_rounding_boundary_quantize_alike_in_xla_and_numpy():
+  """XLA turns a division by the broadcast scales into a product with their reciprocals and NumPy does not, so
+  `round(w / s)` gave one weight in about a million another int8 value in a jitted step than in the exported file;
+  `round(w * (1 / s))` is the same in both. Weights at (k + 1/2) s and a few float32 steps either side."""
+  columns = []
+  for amax in (1.0, 0.0343, 0.7071, 3.3):
+    step = np.float32(amax) * np.float32(1 / 127)
+    middles = ((np.arange(-126, 127, dtype=np.float32) + np.float32(0.5)) * step).astype(np.float32)
+    column, up, down = [middles], middles, middles
+    for _ in range(3):
+      up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+      column += [up, down]
+    columns.append(np.concatenate([*column, [np.float32(amax)]]))  # the channel's max sets its scale
+  w = np.stack(columns, axis=1)
+  jitted = np.asarray(jax.jit(lambda w: int8.quantize(w, 1).values)(w))
+  np.testing.assert_array_equal(jitted, int8.quantize(w, 1, xp=np).values)
+  np.testing.assert_array_equal(jitted, numpy_int8(w, 1)[0])
 
 
 def test_a_channel_of_zeros_gets_scale_one():
