@@ -70,7 +70,7 @@ def quantize(weight: jax.Array, axis: int, xp=jnp) -> Quantized:
   scales = xp.max(xp.abs(weight), axis=others, keepdims=True) * xp.float32(1 / QMAX)
   scales = xp.where(scales > 0, scales, xp.float32(1)).astype(xp.float32)
   # times the float32 reciprocal of each scale, not / scales: XLA turns a division by a broadcast into that product
-  # in some programs and not in others, and NumPy divides, so one weight in about a million rounded otherwise
+  # and NumPy divides, so one weight in about a million rounded otherwise
   values = xp.clip(xp.round(weight * (xp.float32(1) / scales)), -QMAX, QMAX).astype(xp.int8)
   return Quantized(values, scales, axis)
 
