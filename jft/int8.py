@@ -66,11 +66,10 @@ def quantize(weight: jax.Array, axis: int, xp=jnp) -> Quantized:
   """Per-channel symmetric int8 of `weight` along `axis` (`xp`: jax.numpy, or numpy for exported files)."""
   weight = xp.asarray(weight, dtype=xp.float32)
   others = tuple(a for a in range(weight.ndim) if a != axis % max(weight.ndim, 1))
-  # times the float32 of 1/127, not / 127: XLA and NumPy then round alike (XLA may turn a division into this)
+  # Products with float32 reciprocals (of 127, of each scale), never divisions: XLA turns a division by a broadcast
+  # into such a product and NumPy divides, so `w / s` rounded one weight in about a million otherwise.
   scales = xp.max(xp.abs(weight), axis=others, keepdims=True) * xp.float32(1 / QMAX)
   scales = xp.where(scales > 0, scales, xp.float32(1)).astype(xp.float32)
-  # times the float32 reciprocal of each scale, not / scales: XLA turns a division by a broadcast into that product
-  # and NumPy divides, so one weight in about a million rounded otherwise
   values = xp.clip(xp.round(weight * (xp.float32(1) / scales)), -QMAX, QMAX).astype(xp.int8)
   return Quantized(values, scales, axis)
 

@@ -57,7 +57,6 @@ def test_int8_matches_numpy_and_dequantizes_exactly(shape, axis):
   assert np.max(np.abs(np.asarray(deq) - w)) <= np.max(np.abs(w)) / 254 * 1.0001  # half a step at most
 
 
-
 def test_weights_half_a_step_from_a_rounding_boundary_quantize_alike_in_xla_and_numpy():
   """XLA turns a division by the broadcast scales into a product with their reciprocals and NumPy does not, so
   `round(w / s)` gave one weight in about a million another int8 value in a jitted step than in the exported file;
