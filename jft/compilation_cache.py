@@ -4,7 +4,9 @@ compiled steps from disk instead of compiling them again (benchmarks/startup.py 
 `python -m jft.main --compilation_cache=DIR` (default `$JFT_COMPILATION_CACHE`, else ~/.cache/jft/xla;
 `off` turns it off). A cache the user already gave jax (`JAX_COMPILATION_CACHE_DIR`) is left as it is.
 Entries are keyed by the program, the jax/XLA versions, the flags and the devices, so a stale entry is never
-used; the directory is capped at `MAX_BYTES`, least recently used entries going first.
+used; the directory is capped at `MAX_BYTES`, least recently used entries going first. A local cache directory
+also keeps jft's compiled steps whole (jft/executable_cache.py, in DIR/jft_executables), which a warm start loads
+without tracing them.
 """
 
 import collections
@@ -49,6 +51,9 @@ def enable(directory: str | None = None) -> str | None:
     jax.config.update('jax_compilation_cache_dir', configured)
     jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
+  if '://' not in configured:  # the executables are kept on a local disk only
+    from jft import executable_cache
+    executable_cache.enable(os.path.join(configured, executable_cache.SUBDIRECTORY))
   global _listening
   if not _listening:
     jax.monitoring.register_event_listener(_count)

@@ -148,5 +148,6 @@ def merge_params(params: PyTree, loaded: PyTree, skip: Sequence[str], source: st
   unused = [path for path in found if path not in fresh]
   if unused:
     logging.info('parameters of %s the model does not have: %s', source, ', '.join(unused))
-  merged = {path: leaf if path in skipped else found[path].astype(leaf.dtype) for path, leaf in fresh.items()}
+  merged = {path: leaf if path in skipped else found[path].astype(leaf.dtype, copy=False)
+            for path, leaf in fresh.items()}
   return tree_paths.unflatten(merged)

@@ -134,5 +134,6 @@ def load(source: str, dtype: Any = np.float32, **config_overrides: Any) -> Pretr
     raise UserError(f'the weights in {weights_path} do not fit the BERT that its config.json describes:\n'
                     + '\n'.join(mismatches) + '\ngive a directory whose config.json and model.safetensors belong '
                     'together')
-  params = tree_paths.unflatten({path: array.astype(dtype) for path, array in converted.items()})
+  # No copy where the file already holds `dtype`: a copy of the whole model costs a start more than the read.
+  params = tree_paths.unflatten({path: array.astype(dtype, copy=False) for path, array in converted.items()})
   return Pretrained(module=module, variables={'params': params}, config=config)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jft import divergence, rules, sharding
+from jft import divergence, executable_cache, rules, sharding
 from jft import metrics as metrics_lib
 from jft.apply_fn import ApplyFn
 from jft.state import TrainState
@@ -140,13 +140,12 @@ def jit_train_step(train_step: Callable, mesh: Mesh,
 def compile_in_background(jitted: Callable, *abstract_args: Any) -> concurrent.futures.Future:
   """Traces and lowers `jitted` for `abstract_args` (shape-dtype structs with shardings, or arrays) here, then
   compiles it, or loads it from the compilation cache, on a thread: XLA does that without the GIL, so the caller
-  can meanwhile build the real arguments in Python. Once the future is done, a call of `jitted` on arguments of
-  those shapes and shardings runs that program (neither traced nor compiled again)."""
-  lowered = jitted.lower(*abstract_args)
-  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='jft-compile')
-  compiling = pool.submit(lowered.compile)
-  pool.shutdown(wait=False)
-  return compiling
+  can meanwhile build the real arguments in Python (a step kept by jft/executable_cache.py is loaded there
+  without tracing). Once the future is done, a call of `jitted` on arguments of those shapes and shardings runs
+  that program (neither traced nor compiled again)."""
+  if isinstance(jitted, executable_cache.Executables):
+    return jitted.compile_in_background(*abstract_args)
+  return executable_cache.run_on_thread(jitted.lower(*abstract_args).compile)
 
 
 def jit_eval_step(eval_step: Callable, mesh: Mesh,

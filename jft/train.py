@@ -24,6 +24,7 @@ from jft import (
   distill,
   divergence,
   early_stopping,
+  executable_cache,
   host_memory,
   lora,
   metric_writer,
@@ -81,6 +82,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if teacher is not None:
     loss_fn = distill.make_loss(config.distill.weight, config.distill.temperature)
 
+  # What the steps are built from besides the code and their arguments: the key of the compiled steps a repeated
+  # run loads without tracing them (jft/executable_cache.py).
+  built_from = (config.to_json(sort_keys=True), repr(model.module))
   make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, train_rng)
   abstract_state = lambda tx: jax.eval_shape(lambda variables: make_state(*variables, tx), abstract_variables)
 
@@ -94,6 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return stages_lib.CompiledStage(stage, tx, state_sharding, pmap_backend.pmap_train_step(train_step, mesh))
     train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn), mesh,
                                          state_sharding)
+    train_step = executable_cache.cached(train_step, f'train_step {stage.index}', *built_from)
     return stages_lib.CompiledStage(stage, tx, state_sharding, train_step)
 
   checkpoints = Checkpoints(workdir / 'checkpoints', **config.checkpoint)
@@ -138,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
       compiling = step_lib.compile_in_background(runner.current.train_step, target, first_batch)
     state = init_state(config, model, init_rng, make_state, runner.current.tx, runner.current.state_sharding,
-                       abstract_params)
+                       abstract_params, built_from)
     if compiling is not None:
       compiling.result()  # raises its error, if any; the loop's first call of the step runs the program
   else:
@@ -159,7 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate(split: str, state, keep_predictions: bool = False):
     key = jax.tree.structure(state)  # compiled per layout of the state: a stage boundary changes it
     if key not in compiled_eval_steps:
-      compiled_eval_steps[key] = step_lib.jit_eval_step(eval_step, mesh, jax.tree.map(lambda x: x.sharding, state))
+      compiled_eval_steps[key] = executable_cache.cached(
+          step_lib.jit_eval_step(eval_step, mesh, jax.tree.map(lambda x: x.sharding, state)), 'eval_step', *built_from)
     batches = data.eval_batches(config.data, split, config.batch_size, **process)
     return step_lib.evaluate(compiled_eval_steps[key], state, batches, mesh, keep_predictions)
 
@@ -185,7 +191,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       log.first_step_done({'seconds_to_first_step': time.perf_counter() - clock.start,
                            'host_memory': host_memory.describe(),
                            **{f'compilation_cache_{k}': v for k, v in compilation_cache.counts().items()
-                              if jax.config.jax_compilation_cache_dir}})
+                              if jax.config.jax_compilation_cache_dir},
+                           **{f'executable_cache_{k}': v for k, v in executable_cache.counts().items()
+                              if executable_cache.directory()}})
     last = step == config.total_steps
     stop = preempted is not None and preempted.reached(step)
     evaluate_now = bool(config.data.validation_split) and (step % config.eval_every == 0 or last)
@@ -259,15 +267,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def init_state(config: ml_collections.ConfigDict, model: components.Model, init_rng: jax.Array, make_state,
-               tx, state_sharding, abstract_params: init_lib.PyTree) -> TrainState:
+               tx, state_sharding, abstract_params: init_lib.PyTree, built_from: tuple[str, ...] = ()) -> TrainState:
   """The fresh train state, created sharded: the model's initialisation, with `config.init`'s parameters put
   straight onto their shardings (each device receives only its slices). With `config.init` the program returns
   only the parameters the source does not give (`init_skip`, new adapters): XLA drops the rest of the
-  initialisation, so it is neither compiled nor run (the kept parameters are the same draws as in the whole)."""
+  initialisation, so it is neither compiled nor run (the kept parameters are the same draws as in the whole).
+  `built_from`: the key of its programs in jft/executable_cache.py (with the config's own fields, the model's)."""
   params_sharding, model_state_sharding = state_sharding.params, state_sharding.model_state
+  cached = lambda jitted, name: executable_cache.cached(jitted, name, *built_from) if built_from else jitted
   if not config.init:
-    params, model_state = jax.jit(model.init_variables, out_shardings=(params_sharding, model_state_sharding))(
-        init_rng)
+    params, model_state = cached(jax.jit(model.init_variables, out_shardings=(params_sharding, model_state_sharding)),
+                                 'init_variables')(init_rng)
   else:
     loaded, source = init_lib.load_params(config.init)
     skip = (*config.init_skip, lora.ADAPTER) if lora.settings(config) else config.init_skip  # new adapters
@@ -279,14 +289,14 @@ def init_state(config: ml_collections.ConfigDict, model: components.Model, init_
       flat = tree_paths.flatten(params)
       return {path: flat[path] for path in skipped}, model_state
 
-    fresh, model_state = jax.jit(init_skipped, out_shardings=({path: shardings[path] for path in skipped},
-                                                              model_state_sharding))(init_rng)
+    fresh, model_state = cached(jax.jit(init_skipped, out_shardings=({path: shardings[path] for path in skipped},
+                                                                     model_state_sharding)), 'init_skipped')(init_rng)
     params = sharding.put(init_lib.merge_params(tree_paths.unflatten({**shapes, **fresh}), loaded, skip, source),
                           params_sharding)
     logging.info('initialised from %s, except %s', source, config.init_skip)
-  return jax.jit(lambda params, model_state: make_state(params, model_state, tx),
-                 in_shardings=(params_sharding, model_state_sharding), out_shardings=state_sharding,
-                 donate_argnums=(0, 1))(params, model_state)
+  return cached(jax.jit(lambda params, model_state: make_state(params, model_state, tx),
+                        in_shardings=(params_sharding, model_state_sharding), out_shardings=state_sharding,
+                        donate_argnums=(0, 1)), 'make_state')(params, model_state)
 
 
 def _divergence_advice(config: ml_collections.ConfigDict) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from contract import ROOT, TOOLS, run_main
 
-from jft import host_memory
+from jft import executable_cache, host_memory
 
 
 @pytest.fixture(scope='module')
@@ -166,18 +167,37 @@ def test_the_train_step_compiles_once_ahead_of_the_state_and_the_loop_runs_it(da
   assert max(line['step'] for line in read_metrics(tmp_path) if line['split'] == 'train') == 30
 
 
-def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_path):
+def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv('JAX_LOG_COMPILES', '1')
   cache = tmp_path / 'xla'
-  first_lines = []
+  first_lines, losses, traced = [], [], []
   for run in ('cold', 'warm', 'off'):
     flag = f'--compilation_cache={cache}' if run != 'off' else '--compilation_cache=off'
     result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path / run}', flag, data_dir=data_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     first_lines.append(next(line for line in read_metrics(tmp_path / run) if line['split'] == 'train'))
+    losses.append([line['loss'] for line in read_metrics(tmp_path / run)])
+    traced.append({step for step in ('train_step', 'eval_step') if f'Compiling jit({step})' in result.stderr})
   cold, warm, off = first_lines
   assert cold['compilation_cache_hits'] == 0 and any(cache.iterdir())
   assert warm['compilation_cache_hits'] >= 1  # the train step at least, loaded rather than compiled
   assert 'compilation_cache_hits' not in off
+  # The steps themselves come whole from jft's own cache, neither traced nor lowered (jft/executable_cache.py).
+  assert cold['executable_cache_hits'] == 0 and cold['executable_cache_misses'] >= 1
+  assert warm['executable_cache_hits'] >= 1 and warm['executable_cache_misses'] == 0
+  assert 'executable_cache_hits' not in off
+  assert traced == [{'train_step', 'eval_step'}, set(), {'train_step', 'eval_step'}]
+  assert losses[0] == losses[1] == losses[2]  # every train, validation and test loss, to the last bit
+  # Without jft's entries the steps come from jax's cache; such a program is not kept (XLA would write it without
+  # its kernels: a later run's load of it would fail), so nothing is written, and the run is the same run.
+  shutil.rmtree(cache / executable_cache.SUBDIRECTORY)
+  result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path / "jax"}',
+                    f'--compilation_cache={cache}', data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  first = next(line for line in read_metrics(tmp_path / 'jax') if line['split'] == 'train')
+  assert first['compilation_cache_hits'] >= 1 and first['executable_cache_hits'] == 0
+  assert not list((cache / executable_cache.SUBDIRECTORY).glob(f'*{executable_cache.SUFFIX}'))
+  assert [line['loss'] for line in read_metrics(tmp_path / 'jax')] == losses[0]
   assert all(line['seconds_to_first_step'] > 0 for line in first_lines)
   # python -m jft.main restarted itself with the host memory setting that helps here (jft/host_memory.py)
   added = host_memory.restart_environment(os.environ, host_memory.find_jemalloc(), host_memory.glibc_version(),

@@ -1,0 +1,266 @@
+"""Compiled steps kept on disk under what they are built from, so that a repeated or resumed run skips tracing and
+lowering them as well as compiling them.
+
+jax's persistent compilation cache (jft/compilation_cache.py) keys a program by its lowered HLO, so a warm start
+still traces and lowers every step before the cache can answer: for the MiniLM train step about 1 s of a 3 s warm
+start on a 2-core CPU (benchmarks/trace_step.py). This cache answers before tracing. An entry is keyed by
+everything the program is built from:
+  - the code: every source file of the jft package and of any other loaded module outside the Python installation
+    (a user's own model or script), and the versions of Python, jax, jaxlib, flax, optax, numpy, ml_dtypes, chex;
+  - how jax and XLA are set: every `jax.config` value, `XLA_FLAGS` and `LIBTPU_INIT_ARGS`, the devices;
+  - what the caller says the function is built from (jft's train loop: the step's name and stage, the whole config,
+    and the model module with all its hyperparameters, e.g. a Hugging Face config.json's);
+  - the arguments' tree structure, shapes, dtypes and shardings.
+So anything that changes the traced program changes the key; the entry is then simply not found, the step is
+traced and compiled (jax's cache still answering where the HLO is unchanged) and stored under the new key. A
+function that closes over anything else (e.g. arrays that are neither arguments nor config) must not be cached
+here, or must put it in `parts`.
+
+`python -m jft.main --compilation_cache=DIR` keeps these entries in DIR/jft_executables (`off` turns both caches
+off); the directory is capped at `MAX_BYTES`, least recently used entries going first. Only programs compiled in
+the process are kept, not those jax's cache answered (XLA writes a loaded executable without its kernels). Single-
+process runs only: a multi-process run's programs are tied to its cluster, and are left to jax's cache. An
+unreadable entry (a disk error, a crash while writing, another jaxlib) is reported, deleted and compiled again,
+never a failure. Entries are pickles of executables, as jax's own cache holds: like it, a cache directory must
+be trusted.
+"""
+
+import collections
+import concurrent.futures
+import functools
+import hashlib
+import os
+import pathlib
+import pickle
+import sys
+import sysconfig
+import threading
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.monitoring
+import numpy as np
+from absl import logging
+from jax.experimental import serialize_executable
+
+SUBDIRECTORY = 'jft_executables'
+SUFFIX = '.executable'
+MAX_BYTES = 2 << 30
+_VERSIONED = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'ml_dtypes', 'chex')
+_ENVIRONMENT = ('XLA_FLAGS', 'LIBTPU_INIT_ARGS')
+_directory: pathlib.Path | None = None
+_counts = collections.Counter()
+_compiling = threading.local()
+_listening = False
+
+
+def enable(directory: str | os.PathLike | None) -> None:
+  """Keeps compiled steps in `directory` (None: off)."""
+  global _directory, _listening
+  _directory = None if directory is None else pathlib.Path(directory)
+  if not _listening:
+    jax.monitoring.register_event_listener(_note_jax_cache_hit)
+    _listening = True
+
+
+def _note_jax_cache_hit(event: str, **_) -> None:
+  # jax records the event in the thread that compiles, while it compiles.
+  if event == '/jax/compilation_cache/cache_hits':
+    _compiling.loaded_from_jax_cache = True
+
+
+def directory() -> pathlib.Path | None:
+  return _directory
+
+
+def counts() -> dict[str, int]:
+  """Programs loaded from this cache (`hits`) and compiled and stored in it (`misses`) since the process started."""
+  return {'hits': _counts['hits'], 'misses': _counts['misses']}
+
+
+def cached(jitted: Callable, name: str, *parts: str) -> Callable:
+  """`jitted` (a `jax.jit` function), whose programs come from the cache where one is enabled: an `Executables`
+  keyed by `name` and `parts` (what else the function is built from), else `jitted` itself."""
+  if _directory is None or jax.process_count() > 1:
+    return jitted
+  return Executables(jitted, _directory, hashlib.sha256('\0'.join((environment_digest(), name, *parts)).encode()))
+
+
+class Executables:
+  """Calls `jitted` through its compiled programs, one per signature of the arguments, each loaded from
+  `directory` or compiled and stored there. `key` is a hash of everything but the arguments the program is built
+  from (`cached` makes it)."""
+
+  def __init__(self, jitted: Callable, directory: pathlib.Path, key: 'hashlib._Hash'):
+    self.jitted, self.directory, self.key = jitted, directory, key
+    self.programs: dict[tuple, jax.stages.Compiled] = {}
+    self._lock = threading.Lock()
+
+  def __call__(self, *args):
+    program = self.programs.get(_signature(args))
+    if program is None:
+      program = self.compile(*args)
+    return program(*args)
+
+  def compile(self, *args) -> jax.stages.Compiled:
+    """The program for arguments like `args` (arrays, or shape-dtype structs with shardings): from memory, else
+    from the cache, else traced, compiled and stored."""
+    signature = _signature(args)
+    with self._lock:
+      if signature not in self.programs:
+        self.programs[signature] = (self._load(signature, args)
+                                    or self._compile_and_store(signature, self.jitted.lower(*args)))
+      return self.programs[signature]
+
+  def compile_in_background(self, *abstract_args) -> concurrent.futures.Future:
+    """`compile` on a thread; where the cache has no program yet, the tracing and lowering (Python, holding the
+    GIL) happen here first, and only XLA's compilation on the thread."""
+    signature = _signature(abstract_args)
+    if signature in self.programs or self.path(signature).exists():
+      return run_on_thread(self.compile, *abstract_args)
+    lowered = self.jitted.lower(*abstract_args)
+
+    def compile_and_store():
+      with self._lock:
+        self.programs[signature] = self._compile_and_store(signature, lowered)
+        return self.programs[signature]
+
+    return run_on_thread(compile_and_store)
+
+  def path(self, signature: tuple) -> pathlib.Path:
+    key = self.key.copy()
+    tree, *leaves = signature
+    key.update(repr((str(tree), leaves)).encode())
+    return self.directory / (key.hexdigest() + SUFFIX)
+
+  def _load(self, signature: tuple, args: tuple) -> jax.stages.Compiled | None:
+    path = self.path(signature)
+    try:
+      entry = path.read_bytes()
+    except FileNotFoundError:
+      return None
+    try:
+      serialized, out_tree = pickle.loads(zlib.decompress(entry))
+      program = serialize_executable.deserialize_and_load(serialized, jax.tree.structure((args, {})), out_tree)
+    except Exception as e:  # noqa: BLE001 (any unreadable entry is compiled again, never a failure)
+      logging.warning('jft: could not load the compiled program %s (%s: %s); deleting it and compiling again',
+                      path, type(e).__name__, e)
+      path.unlink(missing_ok=True)
+      return None
+    os.utime(path)  # recently used: the last to go when the directory is over MAX_BYTES
+    _counts['hits'] += 1
+    return program
+
+  def _compile_and_store(self, signature: tuple, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+    _compiling.loaded_from_jax_cache = False
+    program = lowered.compile()
+    _counts['misses'] += 1
+    if _compiling.loaded_from_jax_cache:
+      # XLA serialises an executable it loaded without its compiled kernels (jaxlib 0.10.2, CPU: the copy fails
+      # with "Function ... not found" when run): only a program compiled here is kept.
+      logging.info('jft: %s came from jax\'s compilation cache; kept once it is compiled', self.jitted)
+      return program
+    try:
+      serialized, _, out_tree = serialize_executable.serialize(program)
+      entry = zlib.compress(pickle.dumps((serialized, out_tree), pickle.HIGHEST_PROTOCOL), 1)
+    except Exception as e:  # noqa: BLE001 (a program jax cannot serialize still runs; it is just not kept)
+      logging.info('jft: not keeping the compiled program of %s (%s: %s)', self.jitted, type(e).__name__, e)
+      return program
+    try:
+      _write_atomically(self.path(signature), entry)
+      _evict(self.directory, MAX_BYTES)
+    except OSError as e:
+      logging.warning('jft: could not keep the compiled program in %s: %s', self.directory, e)
+    return program
+
+
+def run_on_thread(function: Callable, *args: Any) -> concurrent.futures.Future:
+  """`function(*args)` on a thread of its own (XLA compiles and loads programs without the GIL)."""
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='jft-compile')
+  future = pool.submit(function, *args)
+  pool.shutdown(wait=False)
+  return future
+
+
+@functools.cache
+def environment_digest() -> str:
+  """A hash of the code, the versions, jax's and XLA's settings and the devices this process's programs come
+  from (computed once: the loaded modules are those of the first call, the same in a repeated run)."""
+  digest = hashlib.sha256()
+  for path in _source_files():
+    digest.update(f'{path}\0'.encode())
+    digest.update(path.read_bytes())
+  versions = [sys.version, *(f'{name} {getattr(sys.modules.get(name), "__version__", None)}' for name in _VERSIONED)]
+  settings = sorted((name, repr(value)) for name, value in jax.config.values.items())
+  settings += sorted((name, repr(getattr(flax.config, name))) for name in dir(flax.config)
+                     if name.startswith(('flax_', 'nnx_')))  # e.g. how flax derives rngs
+  environment = [(name, os.environ.get(name)) for name in _ENVIRONMENT]
+  devices = [(d.id, d.process_index, d.platform, d.device_kind) for d in jax.devices()]
+  digest.update(repr((versions, settings, environment, devices, jax.devices()[0].client.platform_version)).encode())
+  return digest.hexdigest()
+
+
+def _source_files() -> list[pathlib.Path]:
+  """jft's source files and those of every loaded module outside the Python installation (stdlib, site-packages:
+  their code is named by the versions)."""
+  installation = tuple({os.path.join(os.path.realpath(sysconfig.get_path(name)), '')
+                        for name in ('stdlib', 'platstdlib', 'purelib', 'platlib')})
+  files = set(pathlib.Path(__file__).parent.rglob('*.py'))
+  for module in list(sys.modules.values()):
+    file = getattr(module, '__file__', None)
+    if file and file.endswith('.py') and not os.path.abspath(file).startswith(installation):
+      files.add(pathlib.Path(file))
+  return sorted({path.resolve() for path in files if path.is_file()})
+
+
+def _signature(args: tuple) -> tuple:
+  """The arguments' tree structure and each leaf's shape, dtype, weak type and sharding (with its devices)."""
+  leaves, tree = jax.tree.flatten(args)
+  return (tree, *map(_leaf_signature, leaves))
+
+
+def _leaf_signature(leaf: Any) -> tuple:
+  # A NumPy array or Python number has no sharding, and a Python number is weakly typed, as jax.jit sees them.
+  sharding = getattr(leaf, 'sharding', None)
+  dtype = getattr(leaf, 'dtype', None)
+  weak_type = getattr(leaf, 'weak_type', dtype is None)
+  dtype = np.result_type(leaf) if dtype is None else dtype
+  return np.shape(leaf), str(dtype), bool(weak_type), sharding, _devices(sharding)
+
+
+@functools.cache
+def _devices(sharding: jax.sharding.Sharding | None) -> tuple[int, ...]:
+  if sharding is None:
+    return ()
+  mesh = getattr(sharding, 'mesh', None)
+  return tuple(mesh.device_ids.flat) if mesh is not None else tuple(sorted(d.id for d in sharding.device_set))
+
+
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """Writes `path` whole or not at all (a reader never sees half an entry)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f'.{path.name}.{os.getpid()}.{threading.get_ident()}')
+  partial.write_bytes(data)
+  os.replace(partial, path)
+
+
+def _evict(directory: pathlib.Path, max_bytes: int) -> None:
+  """Deletes the least recently used entries until the directory holds at most `max_bytes`."""
+  entries = []
+  for path in directory.glob(f'*{SUFFIX}'):
+    try:
+      stat = path.stat()
+    except FileNotFoundError:  # another process evicted it
+      continue
+    entries.append((stat.st_mtime, stat.st_size, path))
+  total = sum(size for _, size, _ in entries)
+  for _, size, path in sorted(entries):
+    if total <= max_bytes:
+      break
+    path.unlink(missing_ok=True)
+    total -= size

@@ -1,0 +1,149 @@
+"""Compiled programs kept under what they are built from (jft/executable_cache.py): loaded without tracing, the same
+results as compiling, a new entry whenever anything the program comes from changes, bad entries compiled again."""
+
+import importlib
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jft import executable_cache, sharding
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  monkeypatch.setattr(executable_cache, '_directory', tmp_path / 'executables')
+  return tmp_path / 'executables'
+
+
+def make_update():
+  """A jitted `update(state, x)` with donated state, and a list that grows each time it is traced."""
+  traces = []
+
+  def update(state, x):
+    traces.append(x.shape)
+    return {'w': state['w'] * 0.5 + x.sum(0), 'count': state['count'] + 1}, {'norm': jnp.linalg.norm(x)}
+
+  return jax.jit(update, donate_argnums=0), traces
+
+
+def fresh_state():
+  return {'w': jnp.arange(4.0), 'count': jnp.zeros((), jnp.int32)}
+
+
+def counts_since(before):
+  return {k: v - before[k] for k, v in executable_cache.counts().items()}
+
+
+def test_a_second_process_loads_the_program_without_tracing_it(cache_dir):
+  x = np.arange(12.0, dtype=np.float32).reshape(3, 4)
+  first_update, first_traces = make_update()
+  before = executable_cache.counts()
+  expected = executable_cache.cached(first_update, 'update', 'lr=0.1')(fresh_state(), x)
+  assert counts_since(before) == {'hits': 0, 'misses': 1} and first_traces == [(3, 4)]
+  assert len(list(cache_dir.glob(f'*{executable_cache.SUFFIX}'))) == 1
+
+  update, traces = make_update()  # as a new process would build it
+  cached = executable_cache.cached(update, 'update', 'lr=0.1')
+  state = fresh_state()
+  before = executable_cache.counts()
+  result = cached(state, x)
+  assert counts_since(before) == {'hits': 1, 'misses': 0}
+  assert traces == []  # neither traced nor lowered
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), result, expected))
+  np.testing.assert_allclose(result[0]['w'], np.arange(4.0) * 0.5 + x.sum(0))  # by hand
+  assert state['w'].is_deleted()  # the donation is kept
+  again = cached(result[0], x)  # the next call runs the same program from memory
+  assert counts_since(before) == {'hits': 1, 'misses': 0} and int(again[0]['count']) == 2
+
+
+def test_anything_the_program_comes_from_makes_a_new_entry(cache_dir):
+  x = np.ones((3, 4), np.float32)
+  executable_cache.cached(make_update()[0], 'update', 'lr=0.1')(fresh_state(), x)
+  before = executable_cache.counts()
+  executable_cache.cached(make_update()[0], 'update', 'lr=0.2')(fresh_state(), x)  # another config
+  executable_cache.cached(make_update()[0], 'other', 'lr=0.1')(fresh_state(), x)  # another function
+  cached = executable_cache.cached(make_update()[0], 'update', 'lr=0.1')
+  cached(fresh_state(), np.ones((5, 4), np.float32))  # another shape
+  cached(fresh_state(), np.ones((3, 4), np.int32))  # another dtype
+  assert counts_since(before) == {'hits': 0, 'misses': 4}
+  assert len(list(cache_dir.glob(f'*{executable_cache.SUFFIX}'))) == 5
+
+
+def test_a_sharding_is_part_of_the_signature(cache_dir):
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  x = np.ones((2, 4), np.float32)
+  replicated = jax.device_put(x, sharding.replicated(mesh))
+  split = jax.device_put(x, sharding.batch_sharded(mesh))
+  signature = executable_cache._signature
+  assert signature((replicated,)) == signature((jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated.sharding),))
+  assert signature((replicated,)) != signature((split,))
+
+
+def test_a_changed_source_file_changes_the_key(tmp_path, monkeypatch):
+  module_file = tmp_path / 'my_model.py'
+  module_file.write_text('WIDTH = 4\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  importlib.import_module('my_model')
+  try:
+    assert module_file.resolve() in executable_cache._source_files()  # a user's module outside the installation
+    assert not any('site-packages' in str(path) for path in executable_cache._source_files())
+    executable_cache.environment_digest.cache_clear()
+    before = executable_cache.environment_digest()
+    module_file.write_text('WIDTH = 8\n')
+    executable_cache.environment_digest.cache_clear()
+    assert executable_cache.environment_digest() != before
+  finally:
+    del sys.modules['my_model']
+    executable_cache.environment_digest.cache_clear()
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
+def test_an_unreadable_entry_is_compiled_again(cache_dir, damage, caplog):
+  x = np.ones((3, 4), np.float32)
+  expected = executable_cache.cached(make_update()[0], 'update')(fresh_state(), x)
+  (entry,) = cache_dir.glob(f'*{executable_cache.SUFFIX}')
+  data = entry.read_bytes()
+  entry.write_bytes({'truncated': data[:len(data) // 2], 'garbage': b'not a program' * 100, 'empty': b''}[damage])
+  update, traces = make_update()
+  before = executable_cache.counts()
+  with caplog.at_level(logging.WARNING):
+    result = executable_cache.cached(update, 'update')(fresh_state(), x)
+  assert f'could not load the compiled program {entry}' in caplog.text and 'compiling again' in caplog.text
+  assert counts_since(before) == {'hits': 0, 'misses': 1} and traces == [(3, 4)]
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), result, expected))
+  assert entry.read_bytes() != data[:len(data) // 2] and len(entry.read_bytes()) > 100  # stored again, whole
+
+
+def test_compiling_in_the_background_loads_or_compiles_on_a_thread(cache_dir):
+  x = np.ones((3, 4), np.float32)
+  abstract = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), fresh_state()),
+              jax.ShapeDtypeStruct(x.shape, x.dtype))
+  for expected in ({'hits': 0, 'misses': 1}, {'hits': 1, 'misses': 0}):  # cold, then as a new process
+    update, traces = make_update()
+    cached = executable_cache.cached(update, 'update')
+    before = executable_cache.counts()
+    program = cached.compile_in_background(*abstract).result()
+    assert counts_since(before) == expected and len(traces) == expected['misses']
+    assert cached(fresh_state(), x)[0]['count'] == 1 and len(traces) == expected['misses']  # that program runs
+    assert cached.programs == {executable_cache._signature(abstract): program}
+
+
+def test_the_least_recently_used_entries_go_first(tmp_path):
+  for age, name in enumerate(('old', 'middle', 'new')):
+    path = tmp_path / f'{name}{executable_cache.SUFFIX}'
+    path.write_bytes(b'x' * 100)
+    os.utime(path, (1000 + age, 1000 + age))
+  executable_cache._evict(tmp_path, 250)
+  kept = sorted(path.name for path in tmp_path.iterdir())
+  assert kept == [f'{name}{executable_cache.SUFFIX}' for name in ('middle', 'new')]
+
+
+def test_off_or_in_several_processes_the_jitted_function_is_used_as_it_is(monkeypatch):
+  update, _ = make_update()
+  monkeypatch.setattr(executable_cache, '_directory', None)
+  assert executable_cache.cached(update, 'update') is update
