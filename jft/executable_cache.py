@@ -14,7 +14,8 @@ everything the program is built from:
 So anything that changes the traced program changes the key; the entry is then simply not found, the step is
 traced and compiled (jax's cache still answering where the HLO is unchanged) and stored under the new key. A
 function that closes over anything else (e.g. arrays that are neither arguments nor config) must not be cached
-here, or must put it in `parts`.
+here, or must put it in `parts`. Once a source file changes under a running process (an edit, with or without a
+reload), that process neither loads nor keeps programs: the code it runs may be the old or the new.
 
 `python -m jft.main --compilation_cache=DIR` keeps these entries in DIR/jft_executables (`off` turns both caches
 off); the directory is capped at `MAX_BYTES`, least recently used entries going first. Only programs compiled in
@@ -27,7 +28,6 @@ be trusted.
 
 import collections
 import concurrent.futures
-import functools
 import hashlib
 import os
 import pathlib
@@ -55,6 +55,8 @@ _directory: pathlib.Path | None = None
 _counts = collections.Counter()
 _compiling = threading.local()
 _listening = False
+_sources: dict[pathlib.Path, tuple[tuple[int, int], str]] = {}  # (mtime, size) and hash, as first read
+_changed: set[pathlib.Path] = set()
 
 
 def enable(directory: str | os.PathLike | None) -> None:
@@ -84,9 +86,10 @@ def counts() -> dict[str, int]:
 def cached(jitted: Callable, name: str, *parts: str) -> Callable:
   """`jitted` (a `jax.jit` function), whose programs come from the cache where one is enabled: an `Executables`
   keyed by `name` and `parts` (what else the function is built from), else `jitted` itself."""
-  if _directory is None or jax.process_count() > 1:
+  environment = None if _directory is None or jax.process_count() > 1 else environment_digest()
+  if environment is None:
     return jitted
-  return Executables(jitted, _directory, hashlib.sha256('\0'.join((environment_digest(), name, *parts)).encode()))
+  return Executables(jitted, _directory, hashlib.sha256('\0'.join((environment, name, *parts)).encode()))
 
 
 class Executables:
@@ -133,7 +136,8 @@ class Executables:
   def path(self, signature: tuple) -> pathlib.Path:
     key = self.key.copy()
     tree, *leaves = signature
-    key.update(repr((str(tree), leaves)).encode())
+    devices = {sharding: _devices(sharding) for *_, sharding in leaves}
+    key.update(repr((str(tree), [(*leaf, devices[leaf[-1]]) for leaf in leaves])).encode())
     return self.directory / (key.hexdigest() + SUFFIX)
 
   def _load(self, signature: tuple, args: tuple) -> jax.stages.Compiled | None:
@@ -185,14 +189,16 @@ def run_on_thread(function: Callable, *args: Any) -> concurrent.futures.Future:
   return future
 
 
-@functools.cache
-def environment_digest() -> str:
-  """A hash of the code, the versions, jax's and XLA's settings and the devices this process's programs come
-  from (computed once: the loaded modules are those of the first call, the same in a repeated run)."""
+def environment_digest() -> str | None:
+  """A hash of the code, the versions, jax's and flax's settings, XLA's flags and the devices of this process's
+  programs; None once a source file has changed since this process first read it (the code running may then be
+  the old or the new: nothing is loaded or kept)."""
   digest = hashlib.sha256()
   for path in _source_files():
-    digest.update(f'{path}\0'.encode())
-    digest.update(path.read_bytes())
+    content = _source_digest(path)
+    if content is None:
+      return None
+    digest.update(f'{path}\0{content}'.encode())
   versions = [sys.version, *(f'{name} {getattr(sys.modules.get(name), "__version__", None)}' for name in _VERSIONED)]
   settings = sorted((name, repr(value)) for name, value in jax.config.values.items())
   settings += sorted((name, repr(getattr(flax.config, name))) for name in dir(flax.config)
@@ -201,6 +207,22 @@ def environment_digest() -> str:
   devices = [(d.id, d.process_index, d.platform, d.device_kind) for d in jax.devices()]
   digest.update(repr((versions, settings, environment, devices, jax.devices()[0].client.platform_version)).encode())
   return digest.hexdigest()
+
+
+def _source_digest(path: pathlib.Path) -> str | None:
+  """The hash of `path` as this process first read it, or None if it has changed since (warned once)."""
+  stat = path.stat()
+  seen = (stat.st_mtime_ns, stat.st_size)
+  if path not in _sources:
+    _sources[path] = (seen, hashlib.sha256(path.read_bytes()).hexdigest())
+  first_seen, content = _sources[path]
+  if seen != first_seen and hashlib.sha256(path.read_bytes()).hexdigest() != content:
+    if path not in _changed:
+      _changed.add(path)
+      logging.warning('jft: %s changed while this process ran: its compiled steps are neither loaded nor kept '
+                      '(a new process keeps them again)', path)
+    return None
+  return content
 
 
 def _source_files() -> list[pathlib.Path]:
@@ -217,28 +239,27 @@ def _source_files() -> list[pathlib.Path]:
 
 
 def _signature(args: tuple) -> tuple:
-  """The arguments' tree structure and each leaf's shape, dtype, weak type and sharding (with its devices)."""
+  """The arguments' tree structure and each leaf's shape, dtype, weak type and sharding: what picks the program."""
   leaves, tree = jax.tree.flatten(args)
   return (tree, *map(_leaf_signature, leaves))
 
 
 def _leaf_signature(leaf: Any) -> tuple:
+  try:  # a jax.Array or jax.ShapeDtypeStruct (faster than isinstance, once a step)
+    return leaf.shape, leaf.dtype, leaf.weak_type, leaf.sharding
+  except AttributeError:
+    pass
   # A NumPy array or Python number has no sharding, and a Python number is weakly typed, as jax.jit sees them.
-  sharding = getattr(leaf, 'sharding', None)
   dtype = getattr(leaf, 'dtype', None)
-  weak_type = getattr(leaf, 'weak_type', dtype is None)
-  dtype = np.result_type(leaf) if dtype is None else dtype
-  return np.shape(leaf), str(dtype), bool(weak_type), sharding, _devices(sharding)
+  return np.shape(leaf), np.result_type(leaf) if dtype is None else dtype, dtype is None, None
 
 
-@functools.cache
 def _devices(sharding: jax.sharding.Sharding | None) -> tuple[int, ...]:
+  """The devices of `sharding` in its mesh's order (which a sharding's repr leaves out)."""
   if sharding is None:
     return ()
   mesh = getattr(sharding, 'mesh', None)
   return tuple(mesh.device_ids.flat) if mesh is not None else tuple(sorted(d.id for d in sharding.device_set))
-
-
 
 
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:

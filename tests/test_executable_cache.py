@@ -84,22 +84,32 @@ def test_a_sharding_is_part_of_the_signature(cache_dir):
   assert signature((replicated,)) != signature((split,))
 
 
-def test_a_changed_source_file_changes_the_key(tmp_path, monkeypatch):
+def test_a_changed_source_file_changes_the_key(tmp_path, monkeypatch, caplog):
   module_file = tmp_path / 'my_model.py'
   module_file.write_text('WIDTH = 4\n')
   monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setattr(executable_cache, '_sources', {})
+  monkeypatch.setattr(executable_cache, '_directory', tmp_path / 'executables')
   importlib.import_module('my_model')
   try:
     assert module_file.resolve() in executable_cache._source_files()  # a user's module outside the installation
     assert not any('site-packages' in str(path) for path in executable_cache._source_files())
-    executable_cache.environment_digest.cache_clear()
     before = executable_cache.environment_digest()
+    assert before is not None and executable_cache.environment_digest() == before
+    os.utime(module_file, ns=(1, 1))  # touched, not changed: the same code
+    assert executable_cache.environment_digest() == before
     module_file.write_text('WIDTH = 8\n')
-    executable_cache.environment_digest.cache_clear()
-    assert executable_cache.environment_digest() != before
+    # This process may run the old code or the new (reloaded): its programs are neither loaded nor kept.
+    update, _ = make_update()
+    with caplog.at_level(logging.WARNING):
+      assert executable_cache.environment_digest() is None
+      assert executable_cache.cached(update, 'update') is update
+    assert f'{module_file.resolve()} changed while this process ran' in caplog.text
+    monkeypatch.setattr(executable_cache, '_sources', {})  # a new process reads the new code: a new key
+    after = executable_cache.environment_digest()
+    assert after is not None and after != before
   finally:
     del sys.modules['my_model']
-    executable_cache.environment_digest.cache_clear()
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
