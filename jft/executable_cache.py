@@ -28,6 +28,7 @@ be trusted.
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -152,9 +153,11 @@ class Executables:
     except Exception as e:  # noqa: BLE001 (any unreadable entry is compiled again, never a failure)
       logging.warning('jft: could not load the compiled program %s (%s: %s); deleting it and compiling again',
                       path, type(e).__name__, e)
-      path.unlink(missing_ok=True)
+      with contextlib.suppress(OSError):  # e.g. a cache on a read-only disk
+        path.unlink(missing_ok=True)
       return None
-    os.utime(path)  # recently used: the last to go when the directory is over MAX_BYTES
+    with contextlib.suppress(OSError):
+      os.utime(path)  # recently used: the last to go when the directory is over MAX_BYTES
     _counts['hits'] += 1
     return program
 

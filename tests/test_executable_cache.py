@@ -157,3 +157,21 @@ def test_off_or_in_several_processes_the_jitted_function_is_used_as_it_is(monkey
   update, _ = make_update()
   monkeypatch.setattr(executable_cache, '_directory', None)
   assert executable_cache.cached(update, 'update') is update
+
+
+def test_a_cache_that_cannot_be_written_still_loads_and_runs(cache_dir, monkeypatch, caplog):
+  x = np.ones((3, 4), np.float32)
+  expected = executable_cache.cached(make_update()[0], 'update')(fresh_state(), x)  # kept while writable
+
+  def refuse(*_, **__):
+    raise PermissionError('read-only file system')
+
+  monkeypatch.setattr(executable_cache.os, 'utime', refuse)
+  monkeypatch.setattr(executable_cache, '_write_atomically', refuse)
+  before = executable_cache.counts()
+  with caplog.at_level(logging.WARNING):
+    loaded = executable_cache.cached(make_update()[0], 'update')(fresh_state(), x)
+    compiled = executable_cache.cached(make_update()[0], 'update')(fresh_state(), np.ones((5, 4), np.float32))
+  assert counts_since(before) == {'hits': 1, 'misses': 1}
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), loaded, expected))
+  assert int(compiled[0]['count']) == 1 and 'could not keep the compiled program' in caplog.text
