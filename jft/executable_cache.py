@@ -17,6 +17,10 @@ function that closes over anything else (e.g. arrays that are neither arguments 
 here, or must put it in `parts`. Once a source file changes under a running process (an edit, with or without a
 reload), that process neither loads nor keeps programs: the code it runs may be the old or the new.
 
+Each function also remembers the program it ran first (`FIRST`), which `prefetch` starts loading on a thread
+before the arguments that pick it exist: jft's train loop does so for a fresh run's first step before it reads
+its data.
+
 `python -m jft.main --compilation_cache=DIR` keeps these entries in DIR/jft_executables (`off` turns both caches
 off); the directory is capped at `MAX_BYTES`, least recently used entries going first. Only programs compiled in
 the process are kept, not those jax's cache answered (XLA writes a loaded executable without its kernels). Single-
@@ -49,6 +53,7 @@ from jax.experimental import serialize_executable
 
 SUBDIRECTORY = 'jft_executables'
 SUFFIX = '.executable'
+FIRST = '.first'  # beside an Executables' entries: the name of the one it ran first
 MAX_BYTES = 2 << 30
 _VERSIONED = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'ml_dtypes', 'chex')
 _ENVIRONMENT = ('XLA_FLAGS', 'LIBTPU_INIT_ARGS')
@@ -58,6 +63,7 @@ _compiling = threading.local()
 _listening = False
 _sources: dict[pathlib.Path, tuple[tuple[int, int], str]] = {}  # (mtime, size) and hash, as first read
 _changed: set[pathlib.Path] = set()
+_prefetched: dict[pathlib.Path, concurrent.futures.Future] = {}  # entry -> its (program, in_tree) being loaded
 
 
 def enable(directory: str | os.PathLike | None) -> None:
@@ -87,10 +93,32 @@ def counts() -> dict[str, int]:
 def cached(jitted: Callable, name: str, *parts: str) -> Callable:
   """`jitted` (a `jax.jit` function), whose programs come from the cache where one is enabled: an `Executables`
   keyed by `name` and `parts` (what else the function is built from), else `jitted` itself."""
+  key = _key(name, parts)
+  return jitted if key is None else Executables(jitted, _directory, key)
+
+
+def prefetch(name: str, *parts: str) -> None:
+  """Starts loading, on a thread, the program that `cached(..., name, *parts)` ran first the last time, so that it
+  is ready by the time the arguments that pick it are (a fresh run's first step: before its data is read)."""
+  key = _key(name, parts)
+  if key is None:
+    return
+  try:
+    path = _directory / (_directory / (key.hexdigest() + FIRST)).read_text()
+  except OSError:  # never run, or no longer readable: nothing to load ahead
+    return
+  _prefetched[path] = run_on_thread(_read_program, path)
+
+
+def _key(name: str, parts: tuple[str, ...]) -> 'hashlib._Hash | None':
   environment = None if _directory is None or jax.process_count() > 1 else environment_digest()
-  if environment is None:
-    return jitted
-  return Executables(jitted, _directory, hashlib.sha256('\0'.join((environment, name, *parts)).encode()))
+  return None if environment is None else hashlib.sha256('\0'.join((environment, name, *parts)).encode())
+
+
+def _read_program(path: pathlib.Path) -> tuple[jax.stages.Compiled, Any]:
+  """(the program kept in `path`, the tree structure of the arguments it takes)."""
+  serialized, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
+  return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree), in_tree
 
 
 class Executables:
@@ -115,9 +143,18 @@ class Executables:
     signature = _signature(args)
     with self._lock:
       if signature not in self.programs:
-        self.programs[signature] = (self._load(signature, args)
-                                    or self._compile_and_store(signature, self.jitted.lower(*args)))
+        self._keep(signature, self._load(signature, args)
+                   or self._compile_and_store(signature, self.jitted.lower(*args)))
       return self.programs[signature]
+
+  def _keep(self, signature: tuple, program: jax.stages.Compiled) -> None:
+    """Holds `program` for calls with `signature`; the first one is what `prefetch` loads next time."""
+    if not self.programs:
+      with contextlib.suppress(OSError):
+        first, name = self.directory / (self.key.hexdigest() + FIRST), self.path(signature).name
+        if not first.exists() or first.read_text() != name:
+          _write_atomically(first, name.encode())
+    self.programs[signature] = program
 
   def compile_in_background(self, *abstract_args) -> concurrent.futures.Future:
     """`compile` on a thread; where the cache has no program yet, the tracing and lowering (Python, holding the
@@ -129,7 +166,7 @@ class Executables:
 
     def compile_and_store():
       with self._lock:
-        self.programs[signature] = self._compile_and_store(signature, lowered)
+        self._keep(signature, self._compile_and_store(signature, lowered))
         return self.programs[signature]
 
     return run_on_thread(compile_and_store)
@@ -143,13 +180,13 @@ class Executables:
 
   def _load(self, signature: tuple, args: tuple) -> jax.stages.Compiled | None:
     path = self.path(signature)
+    prefetched = _prefetched.pop(path, None)
     try:
-      entry = path.read_bytes()
+      program, in_tree = _read_program(path) if prefetched is None else prefetched.result()
+      if in_tree != jax.tree.structure((args, {})):
+        raise ValueError(f'it takes arguments structured as {in_tree}')
     except FileNotFoundError:
       return None
-    try:
-      serialized, out_tree = pickle.loads(zlib.decompress(entry))
-      program = serialize_executable.deserialize_and_load(serialized, jax.tree.structure((args, {})), out_tree)
     except Exception as e:  # noqa: BLE001 (any unreadable entry is compiled again, never a failure)
       logging.warning('jft: could not load the compiled program %s (%s: %s); deleting it and compiling again',
                       path, type(e).__name__, e)
@@ -171,8 +208,8 @@ class Executables:
       logging.info('jft: %s came from jax\'s compilation cache; kept once it is compiled', self.jitted)
       return program
     try:
-      serialized, _, out_tree = serialize_executable.serialize(program)
-      entry = zlib.compress(pickle.dumps((serialized, out_tree), pickle.HIGHEST_PROTOCOL), 1)
+      serialized, in_tree, out_tree = serialize_executable.serialize(program)
+      entry = zlib.compress(pickle.dumps((serialized, in_tree, out_tree), pickle.HIGHEST_PROTOCOL), 1)
     except Exception as e:  # noqa: BLE001 (a program jax cannot serialize still runs; it is just not kept)
       logging.info('jft: not keeping the compiled program of %s (%s: %s)', self.jitted, type(e).__name__, e)
       return program

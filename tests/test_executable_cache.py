@@ -175,3 +175,25 @@ def test_a_cache_that_cannot_be_written_still_loads_and_runs(cache_dir, monkeypa
   assert counts_since(before) == {'hits': 1, 'misses': 1}
   assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), loaded, expected))
   assert int(compiled[0]['count']) == 1 and 'could not keep the compiled program' in caplog.text
+
+
+def test_the_first_program_a_function_ran_is_loaded_ahead_next_time(cache_dir, monkeypatch):
+  monkeypatch.setattr(executable_cache, '_prefetched', {})
+  x = np.ones((3, 4), np.float32)
+  first = executable_cache.cached(make_update()[0], 'update', 'lr=0.1')
+  expected = first(fresh_state(), x)
+  first(fresh_state(), np.ones((5, 4), np.float32))  # a second shape: not the first program
+  (remembered,) = cache_dir.glob(f'*{executable_cache.FIRST}')
+  assert remembered.read_text() == first.path(executable_cache._signature((fresh_state(), x))).name
+
+  executable_cache.prefetch('update', 'lr=0.2')  # never run: nothing to load
+  assert executable_cache._prefetched == {}
+  executable_cache.prefetch('update', 'lr=0.1')  # as a new process does before its data is read
+  (loading,) = executable_cache._prefetched.values()
+  loading.result()  # loaded on its thread
+  update, traces = make_update()
+  before = executable_cache.counts()
+  result = executable_cache.cached(update, 'update', 'lr=0.1')(fresh_state(), x)
+  assert counts_since(before) == {'hits': 1, 'misses': 0} and traces == []
+  assert executable_cache._prefetched == {}  # taken by the call
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), result, expected))

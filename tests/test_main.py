@@ -188,6 +188,7 @@ def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_p
   assert 'executable_cache_hits' not in off
   assert traced == [{'train_step', 'eval_step'}, set(), {'train_step', 'eval_step'}]
   assert losses[0] == losses[1] == losses[2]  # every train, validation and test loss, to the last bit
+  assert list((cache / executable_cache.SUBDIRECTORY).glob(f'*{executable_cache.FIRST}'))  # what loads ahead
   # Without jft's entries the steps come from jax's cache; such a program is not kept (XLA would write it without
   # its kernels: a later run's load of it would fail), so nothing is written, and the run is the same run.
   shutil.rmtree(cache / executable_cache.SUBDIRECTORY)
