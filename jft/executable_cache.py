@@ -104,10 +104,11 @@ def prefetch(name: str, *parts: str) -> None:
   if key is None:
     return
   try:
-    path = _directory / (_directory / (key.hexdigest() + FIRST)).read_text()
+    entry = (_directory / (key.hexdigest() + FIRST)).read_text()
   except OSError:  # never run, or no longer readable: nothing to load ahead
     return
-  _prefetched[path] = run_on_thread(_read_program, path)
+  if os.path.basename(entry) == entry and entry.endswith(SUFFIX):  # an entry of this directory, nothing else
+    _prefetched[_directory / entry] = run_on_thread(_read_program, _directory / entry)
 
 
 def _key(name: str, parts: tuple[str, ...]) -> 'hashlib._Hash | None':
