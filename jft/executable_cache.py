@@ -33,6 +33,7 @@ be trusted.
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import os
 import pathlib
@@ -138,15 +139,24 @@ class Executables:
       program = self.compile(*args)
     return program(*args)
 
-  def compile(self, *args) -> jax.stages.Compiled:
+  def compile(self, *args, lowered: jax.stages.Lowered | None = None) -> jax.stages.Compiled:
     """The program for arguments like `args` (arrays, or shape-dtype structs with shardings): from memory, else
-    from the cache, else traced, compiled and stored."""
+    from the cache, else traced (unless `lowered` is given: the cache has no program yet), compiled and stored."""
     signature = _signature(args)
     with self._lock:
       if signature not in self.programs:
-        self._keep(signature, self._load(signature, args)
-                   or self._compile_and_store(signature, self.jitted.lower(*args)))
+        program = None if lowered is not None else self._load(signature, args)
+        self._keep(signature, program or self._compile_and_store(signature, lowered or self.jitted.lower(*args)))
       return self.programs[signature]
+
+  def compile_in_background(self, *abstract_args) -> concurrent.futures.Future:
+    """`compile` on a thread; where the cache has no program yet, the tracing and lowering (Python, holding the
+    GIL) happen here first, and only XLA's compilation on the thread."""
+    signature = _signature(abstract_args)
+    lowered = None
+    if signature not in self.programs and not self.path(signature).exists():
+      lowered = self.jitted.lower(*abstract_args)
+    return run_on_thread(functools.partial(self.compile, *abstract_args, lowered=lowered))
 
   def _keep(self, signature: tuple, program: jax.stages.Compiled) -> None:
     """Holds `program` for calls with `signature`; the first one is what `prefetch` loads next time."""
@@ -156,21 +166,6 @@ class Executables:
         if not first.exists() or first.read_text() != name:
           _write_atomically(first, name.encode())
     self.programs[signature] = program
-
-  def compile_in_background(self, *abstract_args) -> concurrent.futures.Future:
-    """`compile` on a thread; where the cache has no program yet, the tracing and lowering (Python, holding the
-    GIL) happen here first, and only XLA's compilation on the thread."""
-    signature = _signature(abstract_args)
-    if signature in self.programs or self.path(signature).exists():
-      return run_on_thread(self.compile, *abstract_args)
-    lowered = self.jitted.lower(*abstract_args)
-
-    def compile_and_store():
-      with self._lock:
-        self._keep(signature, self._compile_and_store(signature, lowered))
-        return self.programs[signature]
-
-    return run_on_thread(compile_and_store)
 
   def path(self, signature: tuple) -> pathlib.Path:
     key = self.key.copy()
