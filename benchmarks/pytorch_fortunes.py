@@ -8,10 +8,14 @@ vs_pytorch.py from jft's own fortunes8 builder, so both read the same texts. The
 tokenizer (tokenizer.json, truncation at 128 tokens), batch 32, length-grouped batches (shuffled, sorted by length
 within windows of 64 batches, padded to the longest text of the batch: as transformers' `group_by_length`),
 mean pooling, a new head, dropout 0.1, AdamW (lr 1e-4, weight decay 0.01 but not on biases and LayerNorm),
-linear warmup and decay, clipping at norm 1.0; validation every `eval_every` steps and test at the end.
+linear warmup and decay, clipping at norm 1.0; validation every `eval_every` steps and test at the end, of the
+weights `--test_on` names as jft's `config.test_on` does: `best`, those of the best validation accuracy (the
+first of equals: a copy is kept in memory at each new best, timed as `checkpoint`), or `last`.
 `--autocast=bfloat16`: the forward passes (and the loss) under `torch.autocast`, as jft's `model.dtype='bfloat16'`.
 Prints one JSON line: the wall time from start to the test metrics (and, as `seconds`, how it splits into setup,
-training, validation and test, as jft's test record does) and the test accuracy.
+training, validation, checkpoint and test, as jft's test record does), the test accuracy of `--test_on`, and as
+`tests` both the best and the last weights' test accuracy with their steps: where they differ, the other one is
+tested after the timed run (`seconds['other_test']`, not in `total`), for comparisons under either rule.
 """
 
 import argparse
@@ -73,6 +77,7 @@ def main():
   for name, kind in (('data', str), ('model_dir', str), ('steps', int), ('warmup_steps', int), ('eval_every', int),
                      ('lr', float), ('weight_decay', float), ('seed', int), ('max_len', int), ('autocast', str)):
     parser.add_argument(f'--{name}', type=kind)
+  parser.add_argument('--test_on', choices=('best', 'last'), default='last')
   parser.set_defaults(lr=1e-4, weight_decay=0.01, seed=0, max_len=128)
   args = parser.parse_args()
   torch.manual_seed(args.seed)
@@ -85,7 +90,9 @@ def main():
   model.train()
   lengths = np.asarray([len(row) for row in ids['train']])
   rng, batches, step, curve = np.random.default_rng(args.seed), [], 0, []
-  seconds = {'setup': time.perf_counter() - START, 'validation': 0.0}  # as jft's test record splits its run
+  best_accuracy, best_step, best_weights = None, None, None
+  # as jft's test record splits its run
+  seconds = {'setup': time.perf_counter() - START, 'validation': 0.0, 'checkpoint': 0.0}
   while step < args.steps:
     if not batches:
       batches = epoch_batches(lengths, rng)
@@ -104,12 +111,29 @@ def main():
       validation = accuracy(model, ids['validation'], labels['validation'], args.autocast)
       curve.append({'step': step, 'validation_accuracy': validation})
       seconds['validation'] += time.perf_counter() - start
-  start = time.perf_counter()
-  test_accuracy = accuracy(model, ids['test'], labels['test'], args.autocast)
-  seconds['test'] = time.perf_counter() - start
-  seconds['total'] = time.perf_counter() - START
-  seconds['train'] = seconds['total'] - seconds['setup'] - seconds['validation'] - seconds['test']
-  print(json.dumps({'wall_s': seconds['total'], 'test_accuracy': test_accuracy, 'steps': step, 'seconds': seconds,
+      if best_accuracy is None or validation > best_accuracy:  # strictly better, as jft's early_stopping.Best
+        start = time.perf_counter()
+        best_accuracy, best_step = validation, step
+        best_weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        seconds['checkpoint'] += time.perf_counter() - start
+  # Both rules' tests, the last weights first (loading the best ones replaces them); where they differ, the test of
+  # the rule not asked for is timed apart and left out of the run's time.
+  tested_steps, tests = {'last': step, 'best': best_step}, {}
+  for which in ('last', 'best'):
+    start = time.perf_counter()
+    if which == 'best' and best_step == step:
+      tests['best'] = tests['last']
+      continue
+    if which == 'best':
+      model.load_state_dict(best_weights)
+    test_accuracy = accuracy(model, ids['test'], labels['test'], args.autocast)
+    tests[which] = {'step': tested_steps[which], 'accuracy': test_accuracy}
+    seconds['test' if which == args.test_on or best_step == step else 'other_test'] = time.perf_counter() - start
+  seconds['total'] = time.perf_counter() - START - seconds.get('other_test', 0.0)
+  seconds['train'] = (seconds['total'] - seconds['setup'] - seconds['validation'] - seconds['checkpoint']
+                      - seconds['test'])
+  print(json.dumps({'wall_s': seconds['total'], 'test_accuracy': tests[args.test_on]['accuracy'],
+                    'test_on': args.test_on, 'tests': tests, 'steps': step, 'seconds': seconds,
                     'validation': curve, 'torch': torch.__version__, 'threads': torch.get_num_threads()}))
 
 

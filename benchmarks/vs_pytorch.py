@@ -35,8 +35,11 @@ End to end: the wall time from launch to the final test metrics of `python -m jf
 start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
 texts (exported from jft's fortunes8 builder beforehand, so neither pays for building the dataset), run one after
 the other; prints both times, their ratio, where each one's time went (setup, training, validation, checkpoints,
-test; for jft also its compilations, from the test record's `seconds`) and both test accuracies. With
-`--dtype=bfloat16` both run in bf16 mixed precision, as in the step mode.
+test; for jft also its compilations, from the test record's `seconds`) and both test accuracies: of the weights
+the config's `test_on` picks for both (the main job's: those of the best validation accuracy), and, tested after
+the timed runs, of the other rule's (the last weights) too. With `--dtype=bfloat16` both run in bf16 mixed
+precision, as in the step mode. Runs of several seeds (`--config.seed=N`), kept as logs, are summarised with error
+bars by benchmarks/end_to_end_seeds.py.
 """
 
 import contextlib
@@ -228,19 +231,31 @@ def end_to_end(python: str) -> None:
     with open(os.path.join(tmp, 'jft', 'metrics.jsonl')) as f:
       jft_curve = [{'step': line['step'], 'validation_accuracy': line['accuracy']} for line in map(json.loads, f)
                    if line['split'] == 'validation']
+    # The other rule's test (best validation checkpoint or last state), after the timed run: the same command
+    # with the other `test_on` tests the finished run again without training on.
+    other = 'last' if jft_test['test_on'] == 'best' else 'best'
+    _, out = timed_run(jft_command + [f'--config.test_on={other}'], cwd=repo)
+    jft_tests = {jft_test['test_on']: jft_test, other: json.loads(out.strip().splitlines()[-1])}
+    jft_tests = {rule: {'step': test['tested_step'], 'accuracy': test['accuracy']} for rule, test in jft_tests.items()}
     torch_command = [python, str(WORKER.with_name('pytorch_fortunes.py')), f'--data={texts}',
                      f'--model_dir={model_files.pretrained_dir(config.init)}', f'--steps={config.total_steps}',
                      f'--warmup_steps={config.optim.warmup_steps}', f'--eval_every={config.eval_every}',
                      f'--lr={config.optim.lr}', f'--weight_decay={config.optim.weight_decay}',
-                     f'--seed={config.seed}', f'--max_len={config.data.max_len}',
+                     f'--seed={config.seed}', f'--max_len={config.data.max_len}', f'--test_on={jft_test["test_on"]}',
                      *([f'--autocast={_DTYPE.value}'] if _DTYPE.value != 'float32' else [])]
     print(f'PyTorch: {" ".join(torch_command[1:])}', flush=True)
     torch_s, out = timed_run(torch_command, env=torch_environment())
     torch_result = json.loads(out.strip().splitlines()[-1])
+    torch_s -= torch_result['seconds'].get('other_test', 0.0)  # the other rule's test, after its timed run
   print(f'\n{"":8s} {"wall s":>8s} {"test accuracy":>13s}')
   print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f}')
   print(f'{"PyTorch":8s} {torch_s:8.0f} {torch_result["test_accuracy"]:13.3f}')
   print(f'jft / PyTorch wall time: {jft_s / torch_s:.2f}')
+  print(f'both tested on the {jft_test["test_on"]} weights (config.test_on); by each rule, test accuracy (step):')
+  for rule in ('best', 'last'):
+    theirs = torch_result['tests'][rule]
+    print(f'  {rule:4s}  jft {jft_tests[rule]["accuracy"]:.3f} ({jft_tests[rule]["step"]})  '
+          f'PyTorch {theirs["accuracy"]:.3f} ({theirs["step"]})')
   phases = ('setup', 'train', 'validation', 'checkpoint', 'test', 'compile')
   print(f'where the wall time went (s; compile: jft making its programs, inside the other phases):\n'
         f'{"":8s} ' + ' '.join(f'{name:>10s}' for name in phases))
@@ -250,8 +265,9 @@ def end_to_end(python: str) -> None:
   print('validation accuracy by step:')
   for ours, theirs in zip(jft_curve, torch_result['validation'], strict=False):
     print(f'  {ours["step"]:5d}  jft {ours["validation_accuracy"]:.3f}  PyTorch {theirs["validation_accuracy"]:.3f}')
-  print(json.dumps({'machine': machine(), 'host_memory': host_memory_line(), 'jft_s': jft_s, 'torch_s': torch_s,
-                    'jft_test': jft_test,
+  print(json.dumps({'machine': machine(), 'host_memory': host_memory_line(), 'seed': config.seed,
+                    'dtype': _DTYPE.value, 'jft_s': jft_s, 'torch_s': torch_s, 'jft_test': jft_test,
+                    'jft_tests': jft_tests,
                     'jft_validation': jft_curve, 'torch': torch_result}))
 
 
