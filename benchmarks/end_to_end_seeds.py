@@ -96,22 +96,19 @@ def read_runs(path: str) -> list[Run]:
 def accuracies_by_seed(runs: Iterable[Run], rule: str) -> dict[int, tuple[float, float]]:
   """{seed: (jft's, PyTorch's) test accuracy under `rule`} of the seeds where both are known; ValueError where two
   runs of a seed disagree on any accuracy both know."""
-  first: dict[int, Run] = {}
+  known: dict[tuple[int, str], dict[str, tuple[float, str]]] = {}  # (seed, framework) -> {rule: (accuracy, log)}
   for run in runs:
-    seen = first.setdefault(run.seed, run)
-    for name, a, b in (('jft', seen.jft_tests, run.jft_tests), ('PyTorch', seen.torch_tests, run.torch_tests)):
-      for known in a.keys() & b.keys():
-        if a[known] != b[known]:
-          raise ValueError(f'seed {run.seed}: {name} tests its {known} weights at {a[known]:.4f} in {seen.log} but '
-                           f'{b[known]:.4f} in {run.log}: the two runs come from different code; summarise the '
+    for name, tests in (('jft', run.jft_tests), ('PyTorch', run.torch_tests)):
+      seen = known.setdefault((run.seed, name), {})
+      for which, accuracy in tests.items():
+        earlier, log = seen.setdefault(which, (accuracy, run.log))
+        if earlier != accuracy:
+          raise ValueError(f'seed {run.seed}: {name} tests its {which} weights at {earlier:.4f} in {log} but '
+                           f'{accuracy:.4f} in {run.log}: the two runs come from different code; summarise the '
                            'logs of one version')
-  pairs = {}
-  for seed in sorted(first):
-    jft = next((run.jft_tests[rule] for run in runs if run.seed == seed and rule in run.jft_tests), None)
-    torch = next((run.torch_tests[rule] for run in runs if run.seed == seed and rule in run.torch_tests), None)
-    if jft is not None and torch is not None:
-      pairs[seed] = (jft, torch)
-  return pairs
+  seeds = sorted({seed for seed, _ in known})
+  return {seed: (known[seed, 'jft'][rule][0], known[seed, 'PyTorch'][rule][0]) for seed in seeds
+          if rule in known[seed, 'jft'] and rule in known[seed, 'PyTorch']}
 
 
 def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:

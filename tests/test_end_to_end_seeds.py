@@ -92,6 +92,13 @@ def test_runs_of_one_seed_that_disagree_are_refused(tmp_path):
   runs = end_to_end_seeds.read_runs(old) + end_to_end_seeds.read_runs(str(other))
   with pytest.raises(ValueError, match=r'seed 3: jft tests its best weights at 0.8000 .* but 0.7900 .*different code'):
     end_to_end_seeds.accuracies_by_seed(runs, 'last')
+  # A disagreement with any earlier run, not only the first of the seed: seed 5's first run tells jft's best only.
+  later = tmp_path / 'later.log'
+  later.write_text('\n'.join(new_record(ZEN4, 5, 600.0, 700.0, {'best': (600, 0.79), 'last': (700, last)},
+                                         {'best': (400, 0.78), 'last': (700, 0.78)}) for last in (0.80, 0.81)) + '\n')
+  with pytest.raises(ValueError, match=r'seed 5: jft tests its last weights at 0.8000 .* but 0.8100'):
+    end_to_end_seeds.accuracies_by_seed(end_to_end_seeds.read_runs(old) + end_to_end_seeds.read_runs(str(later)),
+                                        'best')
   result = subprocess.run([sys.executable, SCRIPT, old, str(other)], capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and 'different code' in result.stderr and 'Traceback' not in result.stderr
 
