@@ -2,10 +2,11 @@
 
 python benchmarks/padding.py [--config=configs/minilm_fortunes.py] [--config.FIELD=VALUE]
 Replays the job's own batch plan (`jft.data.text.epoch_plan`: shuffled, sorted by length within windows of
-`data.sort_window` batches) for `total_steps` batches and prints, per bucket of `data.buckets`, the batches that
-pad to it and their share of the padded tokens, then the padded tokens against those of batches padded to their
-own longest text (what PyTorch's script in benchmarks/pytorch_fortunes.py does). Tokenizes the training split;
-trains nothing.
+`data.sort_window` batches) for `total_steps` batches and prints, per bucket (`data.buckets`, or the
+`data.num_buckets` lengths chosen from the training texts), the batches that pad to it and their share of the
+padded tokens, then the padded tokens against those of batches padded to their own longest text (what PyTorch's
+script in benchmarks/pytorch_fortunes.py does). Tokenizes the training split; trains nothing. E.g.
+`--config.data.buckets='(16,32,48,64,96,128)' --config.data.num_buckets=0` for six lengths given by hand.
 """
 
 import numpy as np
@@ -19,8 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/minilm_fortunes.py'
 
 def main(_):
   config = _CONFIG.value
-  lengths_N = text._TokenizedSplit(config.data, config.data.train_split).lengths_N
-  buckets = np.asarray(config.data.buckets)
+  lengths_N = text._training_split(config.data).lengths_N
+  buckets = np.asarray(text.bucket_lengths(config.data))
   num_batches = len(lengths_N) // config.batch_size
   longest = []
   for epoch in range(-(-config.total_steps // num_batches)):
@@ -30,7 +31,8 @@ def main(_):
   padded = buckets[np.searchsorted(buckets, longest)]
   print(f'{config.data.name}, {config.total_steps} batches of {config.batch_size}; texts: median '
         f'{np.median(lengths_N):.0f} tokens, {np.mean(lengths_N >= config.data.max_len):.1%} cut at '
-        f'{config.data.max_len}\n')
+        f'{config.data.max_len}; buckets {tuple(buckets.tolist())}'
+        f'{" (chosen from the training texts)" if config.data.num_buckets else ""}\n')
   print('| bucket | batches | share of batches | share of padded tokens |')
   print('|---|---|---|---|')
   for bucket in buckets:

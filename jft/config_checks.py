@@ -21,8 +21,8 @@ from jft.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Number:
   """A number of `kind` (an int is accepted where a float is) in [low, high]; `low_open` excludes low,
-  `high_open` excludes high; `optional`: None is allowed; `sequence`: a tuple of such numbers; `or_minus_one`:
-  -1 is allowed too (a mesh axis taking the rest of the devices); `why`: said after the range."""
+  `high_open` excludes high; `optional`: None is allowed; `sequence`: a tuple of such numbers (`empty`: () too);
+  `or_minus_one`: -1 is allowed too (a mesh axis taking the rest of the devices); `why`: said after the range."""
 
   kind: type
   low: float | None = None
@@ -31,6 +31,7 @@ class Number:
   high_open: bool = False
   optional: bool = False
   sequence: bool = False
+  empty: bool = False
   or_minus_one: bool = False
   why: str = ''
 
@@ -47,13 +48,15 @@ class Number:
     text = f'a tuple of {text.replace("an integer", "integers").replace("a number", "numbers")}' if self.sequence \
         else text
     text += (', or -1 for the rest' if self.or_minus_one else '') + (', or None' if self.optional else '')
+    text += ', or ()' if self.empty else ''
     return f'{text} ({self.why})' if self.why else text
 
   def accepts(self, value: Any) -> bool:
     if value is None:
       return self.optional
     if self.sequence:
-      return isinstance(value, (tuple, list)) and len(value) > 0 and all(map(self._accepts_one, value))
+      return (isinstance(value, (tuple, list)) and (len(value) > 0 or self.empty)
+              and all(map(self._accepts_one, value)))
     return self._accepts_one(value)
 
   def _accepts_one(self, value: Any) -> bool:
@@ -97,7 +100,8 @@ FIELDS: dict[str, Number] = {
     'data.image_size': Number(int, low=1, optional=True),
     'data.examples_per_class': Number(int, low=1, optional=True),
     'data.max_len': POSITIVE_INT,
-    'data.buckets': Number(int, low=1, sequence=True),
+    'data.buckets': Number(int, low=1, sequence=True, empty=True, why='() with data.num_buckets'),
+    'data.num_buckets': Number(int, low=0, why='0: pad to data.buckets'),
     'data.sort_window': POSITIVE_INT,
     'model.features': Number(int, low=1, sequence=True),
     'model.hidden': POSITIVE_INT,

@@ -1,6 +1,7 @@
 """Tests of the fortunes builders (TASKS.md) and the length-grouped text pipeline."""
 
 import hashlib
+import itertools
 import json
 import pathlib
 
@@ -272,10 +273,60 @@ def test_state_is_host_independent_and_resumes_on_another_number_of_hosts(data_d
       np.testing.assert_array_equal(got[key], want[key][16:])
 
 
+def test_chosen_buckets_pad_the_fewest_tokens_hand_worked():
+  # Texts of 3, 3, 5, 8, 8, 8 and 10 tokens, cut at 10. Two buckets: (3, 10) pads to 6 + 50 = 56 tokens, (5, 10)
+  # to 15 + 40 = 55, (8, 10) to 48 + 10 = 58. Three: (3, 8, 10) to 6 + 32 + 10 = 48, (5, 8, 10) to 49.
+  lengths = np.array([8, 3, 10, 5, 8, 3, 8])
+  assert data.choose_buckets(lengths, 1, 10) == (10,)
+  assert data.choose_buckets(lengths, 2, 10) == (5, 10)
+  assert data.choose_buckets(lengths, 3, 10) == (3, 8, 10)
+  assert data.choose_buckets(lengths, 9, 10) == (3, 5, 8, 10)  # no more than the distinct lengths
+  assert data.choose_buckets(lengths, 2, 12) == (8, 12)  # max_len is always the last, though no text is that long
+  assert data.choose_buckets(np.array([30, 40]), 2, 16) == (16,)  # texts longer than max_len are cut to it
+
+
+def test_chosen_buckets_match_a_search_of_every_choice():
+  def tokens(buckets, lengths):
+    return np.asarray(buckets)[np.searchsorted(buckets, lengths)].sum()
+
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    max_len, count = int(rng.integers(4, 12)), int(rng.integers(1, 5))
+    lengths = np.minimum(rng.integers(1, max_len + 3, int(rng.integers(1, 25))), max_len)
+    chosen = data.choose_buckets(lengths, count, max_len)
+    assert chosen[-1] == max_len and len(chosen) <= count and list(chosen) == sorted(set(chosen))
+    fewest = min(tokens((*others, max_len), lengths) for size in range(count)
+                 for others in itertools.combinations(range(1, max_len), size))
+    assert tokens(chosen, lengths) == fewest
+
+
+def test_num_buckets_pads_train_and_eval_batches_to_lengths_chosen_from_the_training_texts(data_dir):
+  config = _config(data_dir, buckets=(), num_buckets=5)
+  lengths = data.tokenize([text for text, _ in _records('fortunes8', 'train', data_dir)], 'minilm', 128)[1]
+  chosen = data.choose_buckets(lengths, 5, 128)
+  assert data.bucket_lengths(config) == chosen and len(chosen) == 5 and chosen[-1] == 128
+  hand_picked = (32, 48, 64, 96, 128)  # as many lengths, picked by hand: pads more
+  assert (np.asarray(chosen)[np.searchsorted(chosen, lengths)].sum()
+          < np.asarray(hand_picked)[np.searchsorted(hand_picked, lengths)].sum())
+  train = _take(data.train_iterator(config, 32, seed=0), 60)
+  evaluated = list(data.eval_batches(config, 'validation', 32))
+  for batch in train + evaluated:  # the smallest chosen length that holds the batch's longest text
+    longest = batch['attention_mask'].sum(axis=1).max()
+    assert batch['input_ids'].shape[1] == min(b for b in chosen if b >= longest)
+  assert {b['input_ids'].shape[1] for b in train} == set(chosen)
+  # the same texts in the same batches as with lengths given: only the padding differs
+  given = _take(data.train_iterator(_config(data_dir), 32, seed=0), 60)
+  for a, b in zip(train, given, strict=True):
+    np.testing.assert_array_equal(a['label'], b['label'])
+    np.testing.assert_array_equal(a['attention_mask'].sum(axis=1), b['attention_mask'].sum(axis=1))
+
+
 def test_text_config_errors(data_dir):
   cases = [
       (dict(max_len=200), 'longer than the largest of data.buckets'),
       (dict(buckets=(64, 32, 128)), 'strictly increasing'),
+      (dict(buckets=()), r'or \(\) with data.num_buckets > 0'),
+      (dict(num_buckets=4), 'both set'),
       (dict(max_len=1024, buckets=(128, 1024)), '512 positions'),
       (dict(sort_window=0), 'sort_window'),
       (dict(tokenizer='/nonexistent/tok'), 'neither a registered name'),
@@ -294,7 +345,7 @@ def test_text_config_errors(data_dir):
 def test_default_text_config():
   config = data.default_text_config('fortunes8')
   assert set(config) == {'name', 'data_dir', 'train_split', 'validation_split', 'test_split', 'tokenizer',
-                         'max_len', 'buckets', 'sort_window', 'classes', 'unlabeled'}
+                         'max_len', 'buckets', 'num_buckets', 'sort_window', 'classes', 'unlabeled'}
   assert config.unlabeled.name is None  # no unlabelled texts unless asked
   assert (config.tokenizer, config.max_len, tuple(config.buckets), config.classes) == ('minilm', 128,
                                                                                        (32, 64, 128), None)

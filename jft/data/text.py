@@ -3,6 +3,10 @@
 A random batch of short texts pads to its one long text, so the train batches are grouped (DESIGN.md): each
 epoch shuffles the examples, sorts them by length within windows of `sort_window` batches, cuts batches
 and shuffles their order. An epoch's plan is a pure function of (seed, epoch): resuming needs only the position.
+
+Each batch pads to the smallest bucket length that holds its longest text: `data.buckets` given, or
+`data.num_buckets` of them chosen from the training texts' lengths (`choose_buckets`), so that padding each text
+to its bucket costs the fewest tokens. Every bucket is one more shape of the step to compile.
 """
 
 import functools
@@ -15,6 +19,7 @@ import grain
 import ml_collections
 import numpy as np
 import tokenizers
+from absl import logging
 
 from jft import model_files
 from jft.data import builders
@@ -36,6 +41,7 @@ def default_text_config(name: str) -> ml_collections.ConfigDict:
       'tokenizer': 'minilm',  # A registered name, a directory holding tokenizer.json, or a tokenizer.json.
       'max_len': 128,  # Tokens per text, [CLS] and [SEP] included; longer texts are cut.
       'buckets': (32, 64, 128),  # The lengths a batch pads to: increasing, the last at least max_len.
+      'num_buckets': 0,  # N > 0: pad to N lengths chosen from the training texts instead (buckets then ()).
       'sort_window': 64,  # Batches whose examples are sorted by length together; 1 gives random batches.
       'classes': ml_collections.config_dict.placeholder(tuple),  # Categories of the dataset fortunes only.
       'unlabeled': unlabeled_config(),
@@ -50,16 +56,22 @@ def unlabeled_config() -> ml_collections.ConfigDict:
 
 
 def check_config(data_config: ml_collections.ConfigDict) -> None:
-  """Fails on lengths a text pipeline cannot batch: max_len, buckets, sort_window."""
+  """Fails on lengths a text pipeline cannot batch: max_len, buckets (or num_buckets), sort_window."""
   max_len, buckets = data_config.max_len, tuple(data_config.buckets)
+  num_buckets = data_config.get('num_buckets', 0)
   if not 0 < max_len <= MAX_POSITIONS:
     raise UserError(f'data.max_len is {max_len}: the encoder has {MAX_POSITIONS} positions, so make it '
                     f'1..{MAX_POSITIONS}.')
-  if not buckets or buckets[0] <= 0 or any(a >= b for a, b in itertools.pairwise(buckets)):
-    raise UserError(f'data.buckets {buckets} must be positive and strictly increasing, such as (32, 64, 128).')
-  if buckets[-1] < max_len:
-    raise UserError(f'data.max_len {max_len} is longer than the largest of data.buckets {buckets}: add a bucket '
-                    f'of {max_len} or more, or lower data.max_len.')
+  if num_buckets and buckets:
+    raise UserError(f'data.buckets {buckets} and data.num_buckets {num_buckets} are both set: give the lengths '
+                    '(and data.num_buckets=0) or how many to choose from the training texts (and data.buckets=()).')
+  if not num_buckets:  # the lengths given (chosen ones are increasing and end at max_len: choose_buckets)
+    if not buckets or buckets[0] <= 0 or any(a >= b for a, b in itertools.pairwise(buckets)):
+      raise UserError(f'data.buckets {buckets} must be positive and strictly increasing, such as (32, 64, 128), '
+                      'or () with data.num_buckets > 0 to choose them from the training texts.')
+    if buckets[-1] < max_len:
+      raise UserError(f'data.max_len {max_len} is longer than the largest of data.buckets {buckets}: add a bucket '
+                      f'of {max_len} or more, or lower data.max_len.')
   if data_config.sort_window < 1:
     raise UserError(f'data.sort_window is {data_config.sort_window}: make it a number of batches, 1 or more '
                     '(1: no length grouping).')
@@ -126,12 +138,11 @@ class _TokenizedSplit:
       texts = texts + extra
       self.labels_N = np.concatenate([self.labels_N, np.full(len(extra), UNLABELED, np.int32)])
     self.ids_NxL, self.lengths_N = tokenize(texts, data_config.tokenizer, data_config.max_len)
-    self.buckets = tuple(data_config.buckets)
 
-  def batch(self, indices_B: np.ndarray, rows: slice) -> dict[str, np.ndarray]:
+  def batch(self, indices_B: np.ndarray, rows: slice, buckets: Sequence[int]) -> dict[str, np.ndarray]:
     """Rows `rows` of the global batch of examples `indices_B`, padded to the bucket of its longest example."""
     # Chosen from the global batch, so that every host's part has the same shape.
-    length = self.buckets[np.searchsorted(self.buckets, self.lengths_N[indices_B].max())]
+    length = buckets[np.searchsorted(buckets, self.lengths_N[indices_B].max())]
     indices = indices_B[rows]
     input_ids = self.ids_NxL[indices, :length]
     attention_mask = (np.arange(length) < self.lengths_N[indices, None]).astype(np.int32)
@@ -141,9 +152,62 @@ class _TokenizedSplit:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenized_eval_split(data_config_json: str, split_name: str) -> _TokenizedSplit:
-  """A split read and tokenized once per process and data config: a run evaluates it many times."""
-  return _TokenizedSplit(ml_collections.ConfigDict(json.loads(data_config_json)), split_name)
+def _tokenized_split(data_config_json: str, split_name: str, with_unlabeled: bool = False) -> _TokenizedSplit:
+  """A split read and tokenized once per process and data config: a run evaluates it many times, and reads the
+  training split for its batches and its bucket lengths."""
+  return _TokenizedSplit(ml_collections.ConfigDict(json.loads(data_config_json)), split_name, with_unlabeled)
+
+
+def _training_split(data_config: ml_collections.ConfigDict) -> _TokenizedSplit:
+  """The training texts, with the unlabelled ones that join them (`data.unlabeled`)."""
+  return _tokenized_split(data_config.to_json(), data_config.train_split, with_unlabeled=True)
+
+
+def choose_buckets(lengths_N: np.ndarray, count: int, max_len: int) -> tuple[int, ...]:
+  """The `count` bucket lengths, the last `max_len`, that pad the texts of `lengths_N`, each to the smallest bucket
+  that holds it, to the fewest tokens in all (fewer lengths if the texts have fewer distinct lengths below max_len).
+
+  A dynamic programme over the distinct lengths: cost[m][j], the fewest tokens of the texts up to the j-th length
+  in m buckets, the largest of them that length. A length-grouped batch pads to its longest text, which differs
+  little from its others' lengths, so the texts' own lengths stand in for the batches' (within 0.5% of the
+  padding of the buckets chosen from a seed's own batches on fortunes8, benchmarks/README.md); the choice then
+  depends on the training texts alone, the same for every seed, step, host and evaluation.
+  """
+  values, counts = np.unique(np.append(np.minimum(lengths_N, max_len), max_len), return_counts=True)
+  counts[-1] -= 1  # max_len is always a bucket (an evaluated text may be that long), whether or not a text is
+  texts_upto = np.cumsum(counts).astype(np.float64)
+  n = len(values)
+  cost = texts_upto * values  # one bucket: every text up to the j-th length pads to it
+  choices = []
+  for _ in range(min(count, n) - 1):
+    # with_more[i, j]: the texts up to length i in the buckets so far, those after it up to j padded to j.
+    with_more = cost[:, None] + (texts_upto[None, :] - texts_upto[:, None]) * values[None, :]
+    with_more[np.tril_indices(n)] = np.inf  # the bucket before j is shorter than j
+    choices.append(np.argmin(with_more, axis=0))
+    cost = with_more.min(axis=0)
+    cost[0] = texts_upto[0] * values[0]  # the shortest length in more buckets: the same one
+  buckets, j = [int(values[-1])], n - 1
+  for before in reversed(choices):
+    j = before[j]
+    buckets.append(int(values[j]))
+  return tuple(sorted(set(buckets)))
+
+
+def bucket_lengths(data_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The lengths a batch pads to: `data.buckets`, or `data.num_buckets` of them chosen from the training texts."""
+  check_config(data_config)
+  if not data_config.get('num_buckets', 0):
+    return tuple(data_config.buckets)
+  return _chosen_buckets(data_config.to_json())
+
+
+@functools.lru_cache(maxsize=4)
+def _chosen_buckets(data_config_json: str) -> tuple[int, ...]:
+  data_config = ml_collections.ConfigDict(json.loads(data_config_json))
+  buckets = choose_buckets(_training_split(data_config).lengths_N, data_config.num_buckets, data_config.max_len)
+  logging.info('data.num_buckets %d: the batches pad to %s (chosen from the training texts)',
+               data_config.num_buckets, buckets)
+  return buckets
 
 
 def epoch_plan(lengths_N: np.ndarray, batch_size: int, sort_window: int, seed: int, epoch: int) -> np.ndarray:
@@ -162,7 +226,7 @@ def epoch_plan(lengths_N: np.ndarray, batch_size: int, sort_window: int, seed: i
 def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows: slice,
                    seed: int) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of rows `rows` of the global training batches of `batch_size`."""
-  split = _TokenizedSplit(data_config, data_config.train_split, with_unlabeled=True)
+  split, buckets = _training_split(data_config), bucket_lengths(data_config)
   num_batches = len(split.lengths_N) // batch_size
   if num_batches == 0:
     raise UserError(f'{data_config.train_split!r} has {len(split.lengths_N)} examples, fewer than one batch of '
@@ -171,7 +235,7 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows
       functools.partial(epoch_plan, split.lengths_N, batch_size, data_config.sort_window, seed))
 
   def read(step: int, batch_index: int) -> dict[str, np.ndarray]:
-    return split.batch(plan(step // num_batches)[batch_index], rows)
+    return split.batch(plan(step // num_batches)[batch_index], rows, buckets)
 
   dataset = grain.MapDataset.range(num_batches).repeat().map_with_index(read)
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
@@ -181,7 +245,7 @@ def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_
                  rows: slice) -> Iterator[dict[str, np.ndarray]]:
   """One pass over a split sorted by length; the last batch is padded by rereading, and `mask` is False there.
   `index`: each text's position in the split."""
-  split = _tokenized_eval_split(data_config.to_json(), split_name)
+  split, buckets = _tokenized_split(data_config.to_json(), split_name), bucket_lengths(data_config)
   size = len(split.lengths_N)
   # Sorted by length, a batch pads to the bucket of texts like its own; metrics need no order.
   order = np.argsort(split.lengths_N, kind='stable')
@@ -189,6 +253,6 @@ def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_
     positions = np.arange(start, start + batch_size)
     # Padding rows reread the longest text, which the last batch holds anyway: its pad length stays.
     indices = order[np.minimum(positions, size - 1)]
-    batch = split.batch(indices, rows)
+    batch = split.batch(indices, rows, buckets)
     mask = (positions < size)[rows]
     yield {**batch, 'label': np.where(mask, batch['label'], 0), 'mask': mask, 'index': indices[rows].astype(np.int32)}
