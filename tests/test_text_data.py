@@ -300,9 +300,12 @@ def test_chosen_buckets_match_a_search_of_every_choice():
     assert tokens(chosen, lengths) == fewest
 
 
-def test_num_buckets_pads_train_and_eval_batches_to_lengths_chosen_from_the_training_texts(data_dir):
-  config = _config(data_dir, buckets=(), num_buckets=5)
+def test_num_buckets_pads_train_and_eval_batches_to_lengths_chosen_from_the_training_texts(data_dir, monkeypatch):
   lengths = data.tokenize([text for text, _ in _records('fortunes8', 'train', data_dir)], 'minilm', 128)[1]
+  calls = []
+  tokenize = data.text.tokenize
+  monkeypatch.setattr(data.text, 'tokenize', lambda *args: calls.append(len(args[0])) or tokenize(*args))
+  config = _config(data_dir, buckets=(), num_buckets=5, sort_window=32)  # a data config no other test reads
   chosen = data.choose_buckets(lengths, 5, 128)
   assert data.bucket_lengths(config) == chosen and len(chosen) == 5 and chosen[-1] == 128
   hand_picked = (32, 48, 64, 96, 128)  # as many lengths, picked by hand: pads more
@@ -314,8 +317,9 @@ def test_num_buckets_pads_train_and_eval_batches_to_lengths_chosen_from_the_trai
     longest = batch['attention_mask'].sum(axis=1).max()
     assert batch['input_ids'].shape[1] == min(b for b in chosen if b >= longest)
   assert {b['input_ids'].shape[1] for b in train} == set(chosen)
+  assert calls == [len(lengths), 457]  # the training texts tokenized once, for the buckets and the batches
   # the same texts in the same batches as with lengths given: only the padding differs
-  given = _take(data.train_iterator(_config(data_dir), 32, seed=0), 60)
+  given = _take(data.train_iterator(_config(data_dir, sort_window=32), 32, seed=0), 60)
   for a, b in zip(train, given, strict=True):
     np.testing.assert_array_equal(a['label'], b['label'])
     np.testing.assert_array_equal(a['attention_mask'].sum(axis=1), b['attention_mask'].sum(axis=1))
