@@ -203,6 +203,7 @@ def bucket_lengths(data_config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=4)
 def _chosen_buckets(data_config_json: str) -> tuple[int, ...]:
+  """The `data.num_buckets` lengths of a data config, chosen (and logged) once per process."""
   data_config = ml_collections.ConfigDict(json.loads(data_config_json))
   buckets = choose_buckets(_training_split(data_config).lengths_N, data_config.num_buckets, data_config.max_len)
   logging.info('data.num_buckets %d: the batches pad to %s (chosen from the training texts)',
