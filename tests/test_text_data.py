@@ -217,6 +217,10 @@ def test_eval_covers_each_example_once(data_dir):
   assert batches[-1]['mask'].dtype == bool and batches[-1]['input_ids'].shape[0] == 64
   assert (batches[-1]['attention_mask'].sum(axis=1) > 0).all()  # Padding rows are real rows too.
   assert not batches[-1]['label'][~batches[-1]['mask']].any()
+  # Longest first: the part-filled last batch holds the shortest texts, and so pads to the shortest bucket.
+  longest = [b['attention_mask'].sum(axis=1).max() for b in batches]
+  assert longest == sorted(longest, reverse=True) and batches[-1]['input_ids'].shape[1] == 32
+  assert batches[-1]['attention_mask'].sum(axis=1).max() <= batches[-2]['attention_mask'].sum(axis=1).min()
   records = _records('fortunes8', 'validation', data_dir)
   ids, lengths = data.tokenize([text for text, _ in records], 'minilm', 128)
   expected = sorted((label, tuple(row[:n])) for (_, label), row, n in zip(records, ids, lengths, strict=True))

@@ -244,15 +244,17 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows
 
 def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_size: int,
                  rows: slice) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over a split sorted by length; the last batch is padded by rereading, and `mask` is False there.
-  `index`: each text's position in the split."""
+  """One pass over a split sorted by length, longest first; the last batch is padded by rereading, and `mask` is
+  False there. `index`: each text's position in the split."""
   split, buckets = _tokenized_split(data_config.to_json(), split_name), bucket_lengths(data_config)
   size = len(split.lengths_N)
-  # Sorted by length, a batch pads to the bucket of texts like its own; metrics need no order.
-  order = np.argsort(split.lengths_N, kind='stable')
+  # Sorted by length, a batch pads to the bucket of texts like its own; metrics need no order. Longest first, the
+  # one part-filled batch, whose padding rows cost as much as texts, holds the shortest texts (on fortunes8's
+  # validation split 8% fewer padded tokens than shortest first, where it padded 23 rows to 128 tokens).
+  order = np.argsort(-split.lengths_N, kind='stable')
   for start in range(0, size, batch_size):
     positions = np.arange(start, start + batch_size)
-    # Padding rows reread the longest text, which the last batch holds anyway: its pad length stays.
+    # Padding rows reread the shortest text, which the last batch holds anyway: its pad length stays.
     indices = order[np.minimum(positions, size - 1)]
     batch = split.batch(indices, rows, buckets)
     mask = (positions < size)[rows]
