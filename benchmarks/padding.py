@@ -5,7 +5,8 @@ Replays the job's own batch plan (`jft.data.text.epoch_plan`: shuffled, sorted b
 `data.sort_window` batches) for `total_steps` batches and prints, per bucket (`data.buckets`, or the
 `data.num_buckets` lengths chosen from the training texts), the batches that pad to it and their share of the
 padded tokens, then the padded tokens against those of batches padded to their own longest text (what PyTorch's
-script in benchmarks/pytorch_fortunes.py does). Tokenizes the training split; trains nothing. E.g.
+script in benchmarks/pytorch_fortunes.py does), then the pad lengths of one evaluation pass over the validation and
+test splits. Tokenizes the splits; trains nothing. E.g.
 `--config.data.buckets='(16,32,48,64,96,128)' --config.data.num_buckets=0` for six lengths given by hand.
 """
 
@@ -40,6 +41,12 @@ def main(_):
     print(f'| {bucket} | {count} | {count / len(padded):.1%} | {bucket * count / padded.sum():.1%} |')
   print(f'\npadded tokens: {padded.sum() * config.batch_size:,} to buckets, {longest.sum() * config.batch_size:,} '
         f'to each batch\'s longest text: {padded.sum() / longest.sum():.3f}x')
+  for split in (config.data.validation_split, config.data.test_split):
+    # Every eval batch runs at the full batch shape, the part-filled one too (its empty rows reread a text).
+    pad_lengths = [batch['input_ids'].shape[1] for batch in text.eval_batches(config.data, split, config.batch_size,
+                                                                                slice(None))]
+    print(f'\n{split}: one evaluation pass pads its {len(pad_lengths)} batches of {config.batch_size} to '
+          f'{tuple(pad_lengths)}: {sum(pad_lengths) * config.batch_size:,} tokens')
 
 
 if __name__ == '__main__':
