@@ -5,6 +5,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -12,6 +13,7 @@ from tokenizers import Tokenizer
 
 from jft import model_files, pretrained, tree_paths
 from jft.errors import UserError
+from jft.models import bert
 from jft.models.bert import BertClassifier, BertConfig, mean_pool
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
@@ -127,3 +129,47 @@ def test_parameter_paths_follow_the_design():
   assert paths['encoder/layer_0/attention/query/kernel'].shape == (48, 48)
   assert paths['embeddings/word_embeddings/embedding'].shape == (211, 48)
   assert {p.split('/')[1] for p in paths if p.startswith('encoder/')} == {'layer_0', 'layer_1', 'layer_2'}
+
+
+def test_attention_is_cut_into_chunks_of_heads_on_one_cpu_device_only(monkeypatch):
+  assert jax.default_backend() == 'cpu' and jax.device_count() == 1
+  assert bert.attention_head_chunks(12, 128) == [slice(0, 6), slice(6, 12)]
+  assert bert.attention_head_chunks(12, 95) == [slice(0, 12)]  # short: one piece
+  assert bert.attention_head_chunks(1, 128) == [slice(0, 1)]
+  monkeypatch.setattr(bert, 'CPU_ATTENTION_CHUNKS', 3)
+  assert bert.attention_head_chunks(4, 96) == [slice(0, 1), slice(1, 2), slice(2, 4)]
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  assert bert.attention_head_chunks(12, 128) == [slice(0, 12)]
+
+
+@pytest.mark.parametrize('chunks', [2, 3])
+def test_attention_in_chunks_of_heads_trains_as_in_one_piece(monkeypatch, chunks):
+  """Dropout on: the chunks slice one mask, so the loss and every gradient are those of the one-piece attention, to
+  float32 rounding (XLA may add a softmax row or a gradient's sum in another order for the chunks' shapes)."""
+  ref = reference('bert_small')
+  model = pretrained.load(SMALL)
+  classifier = BertClassifier(model.config, num_classes=5)
+  ids, mask, types = ref['input_ids'], ref['attention_mask'], ref['token_type_ids']
+  params = classifier.init(jax.random.PRNGKey(0), ids, mask, types)['params']
+  params = {**params, **{k: v for k, v in model.variables['params'].items() if k in params}}
+
+  monkeypatch.setattr(bert, 'CPU_ATTENTION_MIN_LENGTH', 0)  # the fixture's texts are short
+
+  def loss_and_grads(count, dropout_seed=3):
+    monkeypatch.setattr(bert, 'CPU_ATTENTION_CHUNKS', count)
+    assert len(bert.attention_head_chunks(model.config.num_attention_heads, ids.shape[1])) == count
+    rngs = {'dropout': jax.random.PRNGKey(dropout_seed)}
+    def loss(p):
+      logits = classifier.apply({'params': p}, ids, mask, types, train=True, rngs=rngs)
+      return jnp.sum(logits ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)  # a new function: traced with this chunk count
+
+  (one_loss, one_grads), (loss, grads) = loss_and_grads(1), loss_and_grads(chunks)
+  np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
+  one_grads = tree_paths.flatten(one_grads)
+  for path, grad in tree_paths.flatten(grads).items():
+    np.testing.assert_allclose(grad, one_grads[path], rtol=1e-5, atol=1e-6, err_msg=path)
+  # Other dropout masks (as a mask sliced wrongly or drawn per chunk would give) move them beyond that tolerance:
+  _, other_mask_grads = loss_and_grads(chunks, dropout_seed=4)
+  path = 'encoder/layer_0/attention/value/kernel'
+  assert not np.allclose(tree_paths.flatten(other_mask_grads)[path], one_grads[path], rtol=1e-5, atol=1e-6)

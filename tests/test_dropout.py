@@ -36,6 +36,27 @@ def test_deterministic_and_rate_zero_are_the_identity():
   np.testing.assert_array_equal(apply(0.0, x), x)
 
 
+def test_a_mask_drawn_first_and_applied_in_slices_is_the_mask_of_one_call():
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 8))
+
+  class InSlices(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      drop = Dropout(0.3)
+      keep = drop.mask(x.shape)
+      return jnp.concatenate([drop(x[:, :2], keep[:, :2]), drop(x[:, 2:], keep[:, 2:])], axis=1)
+
+  class OneCall(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Dropout(0.3)(x)
+
+  rngs = {'dropout': jax.random.PRNGKey(5)}
+  assert Dropout(0.3).draws and not Dropout(0.3, deterministic=True).draws and not Dropout(0.0).draws
+  assert not Dropout(1.0).draws
+  np.testing.assert_array_equal(InSlices().apply({}, x, rngs=rngs), OneCall().apply({}, x, rngs=rngs))
+
+
 def test_masks_follow_the_rng():
   x = jnp.ones((64, 64))
   np.testing.assert_array_equal(apply(0.5, x, seed=3), apply(0.5, x, seed=3))

@@ -8,7 +8,8 @@ Parameter paths (what freezing, lr and pruning rules match against):
 Query, key and value stay separate parameters (users freeze and prune them one by one). The encoder's dense
 layers multiply with `dense.matmul`, whose weight gradient XLA's CPU backend runs at full speed; the attention's
 output projection instead contracts heads and head_dim of the (batch, head, token, head_dim) context at once, with
-no transpose of the context in between (benchmarks/README.md).
+no transpose of the context in between (benchmarks/README.md). On one CPU device, sequences of 96 tokens or more
+attend in two independent chunks of heads, which XLA's CPU runtime runs side by side (`attention_head_chunks`).
 
 `dtype='bfloat16'` runs the embeddings' output, the residual stream, every dense layer and both attention matmuls
 in bf16 with float32 parameters; the attention softmax (with its mask bias), the LayerNorm statistics, the hidden
@@ -17,6 +18,7 @@ the backward pass (`nn.remat`) instead of keeping its activations: the same para
 """
 
 import dataclasses
+import itertools
 import json
 import math
 from typing import Any
@@ -25,6 +27,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jft import config_checks, model_files
 from jft.errors import UserError
@@ -128,6 +131,31 @@ def _dense(config: BertConfig, features: int, name: str, dtype: Any = jnp.float3
   return Dense(features, kernel_init=nn.initializers.normal(config.initializer_range), dtype=dtype, name=name)
 
 
+CPU_ATTENTION_CHUNKS = 2  # benchmarks/attention_chunks.py: 2, 4 and 6 chunks alike on 2 cores, 12 slower
+CPU_ATTENTION_MIN_LENGTH = 96  # shorter: no faster beyond the noise (17-74 tokens), and compiles longer
+
+
+def attention_head_chunks(num_heads: int, length: int) -> list[slice]:
+  """The slices of the heads the attention over `length` tokens computes one by one, as independent parts of the
+  program: `CPU_ATTENTION_CHUNKS` on a single CPU device from `CPU_ATTENTION_MIN_LENGTH` tokens, else one slice of
+  all of them.
+
+  Why: XLA's CPU runtime runs a batched matmul (the scores' and the context's product per example and head, in the
+  forward and the backward pass) on one thread, in YNNPACK's kernel as in Eigen's, while the other cores idle; its
+  executor does run independent ops side by side, so independent chunks of heads keep the cores busy: on 2 cores
+  of a Zen 4, MiniLM's train step 2-5% faster at 98 and 128 tokens, no faster beyond the noise at 17-74 tokens,
+  where the products are short, and each shape's compilation up to 0.9 s longer (benchmarks/README.md). The
+  function is the same: each head's products and softmax as before, and one dropout mask for all heads, sliced per
+  chunk; the values agree to float32 rounding (XLA may add a softmax row or a gradient's sum in another order for
+  the chunks' shapes; on MiniLM's step the first loss and gradient norm came out the same to the bit). Not on other
+  backends, which run each product on the whole device, nor over several devices, where a tensor-parallel rule may
+  shard the heads and slicing them would move data. More cores may gain from more chunks (not measured)."""
+  on_one_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
+  chunks = CPU_ATTENTION_CHUNKS if on_one_cpu and length >= CPU_ATTENTION_MIN_LENGTH else 1
+  bounds = np.linspace(0, num_heads, min(chunks, num_heads) + 1).astype(int)
+  return [slice(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a residual connection and a post layer norm."""
 
@@ -147,12 +175,19 @@ class SelfAttention(nn.Module):
       return _dense(config, hidden, name, self.dtype)(x_BxLxD).reshape(*x_BxLxD.shape[:2], heads, head_dim)
 
     query_BxLxHxK, key_BxLxHxK, value_BxLxHxK = project('query'), project('key'), project('value')
-    # Scores, the float32 mask bias and the softmax in float32, whatever the compute dtype.
-    scores_BxHxLxL = (jnp.einsum('bqhk,bshk->bhqs', query_BxLxHxK, key_BxLxHxK) / math.sqrt(head_dim)
-                      ).astype(jnp.float32)
-    probs = jax.nn.softmax(scores_BxHxLxL + mask_bias_Bx1x1xL, axis=-1).astype(self.dtype)
-    probs = Dropout(config.attention_probs_dropout_prob, deterministic=not train)(probs)
-    context_BxHxLxK = jnp.einsum('bhqs,bshk->bhqk', probs, value_BxLxHxK)
+    # One dropout mask for all heads, applied to each chunk of heads (`attention_head_chunks`).
+    dropout = Dropout(config.attention_probs_dropout_prob, deterministic=not train)
+    batch, length = x_BxLxD.shape[:2]
+    keep_BxHxLxL = dropout.mask((batch, heads, length, length)) if dropout.draws else None
+    contexts = []
+    for chunk in attention_head_chunks(heads, length):
+      # Scores, the float32 mask bias and the softmax in float32, whatever the compute dtype.
+      scores = (jnp.einsum('bqhk,bshk->bhqs', query_BxLxHxK[:, :, chunk], key_BxLxHxK[:, :, chunk])
+                / math.sqrt(head_dim)).astype(jnp.float32)
+      probs = jax.nn.softmax(scores + mask_bias_Bx1x1xL, axis=-1).astype(self.dtype)
+      probs = dropout(probs, None if keep_BxHxLxL is None else keep_BxHxLxL[:, chunk])
+      contexts.append(jnp.einsum('bhqs,bshk->bhqk', probs, value_BxLxHxK[:, :, chunk]))
+    context_BxHxLxK = contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=1)
     kernel, bias = LinearParams(hidden, hidden, config.initializer_range, name='output')()
     kernel_HxKxD = kernel.reshape(heads, head_dim, hidden).astype(self.dtype)
     out = plus_bias(jnp.einsum('bhqk,hkd->bqd', context_BxHxLxK, kernel_HxKxD), bias.astype(self.dtype))

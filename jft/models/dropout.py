@@ -132,14 +132,24 @@ class Dropout(nn.Module):
   deterministic: bool = False
   rng_collection: str = 'dropout'
 
+  @property
+  def draws(self) -> bool:
+    """Whether a call draws a mask: training, with a rate strictly between 0 and 1."""
+    return not self.deterministic and 0.0 < self.rate < 1.0
+
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """`inputs` with dropout applied; `keep`: the part of a mask from `mask` that covers `inputs` (for a caller
+    that applies one mask to an array in slices), else a mask is drawn here."""
     if not 0.0 <= self.rate <= 1.0:
       raise ValueError(f'dropout rate must be in [0, 1], got {self.rate}')
     if self.deterministic or self.rate == 0.0:
       return inputs
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)  # as nn.Dropout: no 0 / 0 in the gradient
-    keep_prob = 1.0 - self.rate
-    keep = keep_mask(philox_key_data(self.make_rng(self.rng_collection)), keep_prob, inputs.shape)
-    return lax.select(keep, inputs / keep_prob, jnp.zeros_like(inputs))
+    keep = self.mask(inputs.shape) if keep is None else keep
+    return lax.select(keep, inputs / (1.0 - self.rate), jnp.zeros_like(inputs))
+
+  def mask(self, shape: tuple[int, ...]) -> jax.Array:
+    """The keep mask a call on an array of `shape` draws (the module's next dropout key): True where kept."""
+    return keep_mask(philox_key_data(self.make_rng(self.rng_collection)), 1.0 - self.rate, tuple(shape))
