@@ -59,8 +59,8 @@ def main(_):
   chunks = _CHUNKS.value or bert.CPU_ATTENTION_CHUNKS
   print(machine())
   print(f'attention in {chunks} chunks of heads against one piece, on {jax.devices()[0].platform}')
-  print('| length | one piece s | chunks s | chunks / one piece | XLA compile: one piece / chunks s | same first step |'
-        )
+  print('| length | one piece s | chunks s | chunks / one piece | XLA compile: one piece / chunks s '
+        '| same first step |')
   print('|---|---|---|---|---|---|')
   for length in map(int, _LENGTHS.value):
     setup = MiniLMSetup(32, length)
