@@ -9,15 +9,13 @@ each and whether the first step's loss and gradient norm agree to the bit. The c
 `jft.models.bert.attention_head_chunks`.
 """
 
-import functools
-import statistics
 from unittest import mock
 
 import jax
 import jax.monitoring
 from absl import app, flags
-from minilm_setup import MiniLMSetup
-from timing import interleaved_times, machine
+from minilm_setup import MiniLMSetup, median_step_times
+from timing import machine
 
 from jft import host_memory
 from jft.models import bert
@@ -47,12 +45,6 @@ def compiled_run(setup: MiniLMSetup, chunks: int) -> tuple[list, float]:
   return [state, train_step, metrics], sum(_compile_seconds)
 
 
-def run_step(setup: MiniLMSetup, run: list) -> None:
-  """One step of `run` ([state, train step, first metrics]) on the batch, the new state kept, waited for."""
-  run[0], metrics = run[1](run[0], setup.device_batch)
-  jax.block_until_ready(metrics)
-
-
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
   jax.monitoring.register_event_duration_secs_listener(_record_compile)
@@ -68,9 +60,8 @@ def main(_):
     for name, count in (('one piece', 1), ('chunks', chunks)):
       runs[name], compile_s[name] = compiled_run(setup, count)
     same = all(float(runs['one piece'][2][k]) == float(runs['chunks'][2][k]) for k in ('loss', 'grad_norm'))
-    steps = {name: functools.partial(run_step, setup, run) for name, run in runs.items()}
-    times = interleaved_times(steps, _STEPS.value, 2)
-    one, split = (statistics.median(times[name]) for name in ('one piece', 'chunks'))
+    medians = median_step_times(setup, {name: tuple(run[:2]) for name, run in runs.items()}, _STEPS.value)
+    one, split = medians['one piece'], medians['chunks']
     print(f'| 32 x {length} | {one:.3f} | {split:.3f} | **{split / one:.3f}** | '
           f'{compile_s["one piece"]:.1f} / {compile_s["chunks"]:.1f} | {"yes" if same else "NO"} |', flush=True)
 
