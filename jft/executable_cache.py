@@ -7,7 +7,9 @@ start on a 2-core CPU (benchmarks/trace_step.py). This cache answers before trac
 everything the program is built from:
   - the code: every source file of the jft package and of any other loaded module outside the Python installation
     (a user's own model or script), and the versions of Python, jax, jaxlib, flax, optax, numpy, ml_dtypes, chex;
-  - how jax and XLA are set: every `jax.config` value, `XLA_FLAGS` and `LIBTPU_INIT_ARGS`, the devices;
+  - how jax and XLA are set: every `jax.config` value but those that only change what jax logs or reports and
+    where its own cache lives (`REPORTING_SETTINGS`: `JAX_LOG_COMPILES=1`, turned on to see whether a start
+    compiles, must not itself make it compile), `XLA_FLAGS` and `LIBTPU_INIT_ARGS`, the devices;
   - what the caller says the function is built from (jft's train loop: the step's name and stage, the whole config,
     and the model module with all its hyperparameters, e.g. a Hugging Face config.json's);
   - the arguments' tree structure, shapes, dtypes and shardings.
@@ -58,6 +60,15 @@ FIRST = '.first'  # beside an Executables' entries: the name of the one it ran f
 MAX_BYTES = 2 << 30
 _VERSIONED = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'ml_dtypes', 'chex')
 _ENVIRONMENT = ('XLA_FLAGS', 'LIBTPU_INIT_ARGS')
+# jax settings that change what jax logs, how it reports errors, or where and what its persistent cache keeps:
+# never the traced or compiled program, so they are left out of the key.
+REPORTING_SETTINGS = frozenset({
+    'jax_log_compiles', 'jax_explain_cache_misses', 'jax_logging_level', 'jax_debug_log_modules',
+    'jax_log_checkpoint_residuals', 'jax_compiler_detailed_logging_min_ops', 'jax_pprint_use_color',
+    'jax_traceback_filtering', 'jax_tracer_error_num_traceback_frames', 'jax_compilation_cache_dir',
+    'jax_enable_compilation_cache', 'jax_compilation_cache_max_size', 'jax_persistent_cache_min_compile_time_secs',
+    'jax_persistent_cache_min_entry_size_bytes', 'jax_raise_persistent_cache_errors',
+})
 _directory: pathlib.Path | None = None
 _counts = collections.Counter()
 _compiling = threading.local()
@@ -236,7 +247,8 @@ def environment_digest() -> str | None:
       return None
     digest.update(f'{path}\0{content}'.encode())
   versions = [sys.version, *(f'{name} {getattr(sys.modules.get(name), "__version__", None)}' for name in _VERSIONED)]
-  settings = sorted((name, repr(value)) for name, value in jax.config.values.items())
+  settings = sorted((name, repr(value)) for name, value in jax.config.values.items()
+                    if name not in REPORTING_SETTINGS)
   settings += sorted((name, repr(getattr(flax.config, name))) for name in dir(flax.config)
                      if name.startswith(('flax_', 'nnx_')))  # e.g. how flax derives rngs
   environment = [(name, os.environ.get(name)) for name in _ENVIRONMENT]

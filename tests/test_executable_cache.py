@@ -112,6 +112,25 @@ def test_a_changed_source_file_changes_the_key(tmp_path, monkeypatch, caplog):
     del sys.modules['my_model']
 
 
+@pytest.mark.parametrize(('setting', 'value', 'same_program'), [
+    ('jax_log_compiles', True, True),  # JAX_LOG_COMPILES=1, to see whether a warm start compiles
+    ('jax_explain_cache_misses', True, True),
+    ('jax_persistent_cache_min_compile_time_secs', 7.0, True),
+    ('jax_default_matmul_precision', 'highest', False),  # another program
+    ('jax_enable_x64', True, False),
+])
+def test_only_settings_that_can_change_the_program_are_in_the_key(setting, value, same_program):
+  before = executable_cache.environment_digest()
+  assert before is not None
+  old = getattr(jax.config, setting)
+  jax.config.update(setting, value)
+  try:
+    assert (executable_cache.environment_digest() == before) == same_program
+  finally:
+    jax.config.update(setting, old)
+  assert executable_cache.environment_digest() == before
+
+
 @pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
 def test_an_unreadable_entry_is_compiled_again(cache_dir, damage, caplog):
   x = np.ones((3, 4), np.float32)
