@@ -98,8 +98,9 @@ def directory() -> pathlib.Path | None:
 
 
 def counts() -> dict[str, int]:
-  """Programs loaded from this cache (`hits`) and compiled and stored in it (`misses`) since the process started."""
-  return {'hits': _counts['hits'], 'misses': _counts['misses']}
+  """Programs loaded from this cache (`hits`; `prefetched`: of those, the ones `prefetch` had loaded ahead) and
+  compiled and stored in it (`misses`) since the process started."""
+  return {'hits': _counts['hits'], 'misses': _counts['misses'], 'prefetched': _counts['prefetched']}
 
 
 def cached(jitted: Callable, name: str, *parts: str) -> Callable:
@@ -203,6 +204,7 @@ class Executables:
     with contextlib.suppress(OSError):
       os.utime(path)  # recently used: the last to go when the directory is over MAX_BYTES
     _counts['hits'] += 1
+    _counts['prefetched'] += prefetched is not None
     return program
 
   def _compile_and_store(self, signature: tuple, lowered: jax.stages.Lowered) -> jax.stages.Compiled:

@@ -44,7 +44,7 @@ def test_a_second_process_loads_the_program_without_tracing_it(cache_dir):
   first_update, first_traces = make_update()
   before = executable_cache.counts()
   expected = executable_cache.cached(first_update, 'update', 'lr=0.1')(fresh_state(), x)
-  assert counts_since(before) == {'hits': 0, 'misses': 1} and first_traces == [(3, 4)]
+  assert counts_since(before) == {'hits': 0, 'misses': 1, 'prefetched': 0} and first_traces == [(3, 4)]
   assert len(list(cache_dir.glob(f'*{executable_cache.SUFFIX}'))) == 1
 
   update, traces = make_update()  # as a new process would build it
@@ -52,13 +52,13 @@ def test_a_second_process_loads_the_program_without_tracing_it(cache_dir):
   state = fresh_state()
   before = executable_cache.counts()
   result = cached(state, x)
-  assert counts_since(before) == {'hits': 1, 'misses': 0}
+  assert counts_since(before) == {'hits': 1, 'misses': 0, 'prefetched': 0}
   assert traces == []  # neither traced nor lowered
   assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), result, expected))
   np.testing.assert_allclose(result[0]['w'], np.arange(4.0) * 0.5 + x.sum(0))  # by hand
   assert state['w'].is_deleted()  # the donation is kept
   again = cached(result[0], x)  # the next call runs the same program from memory
-  assert counts_since(before) == {'hits': 1, 'misses': 0} and int(again[0]['count']) == 2
+  assert counts_since(before) == {'hits': 1, 'misses': 0, 'prefetched': 0} and int(again[0]['count']) == 2
 
 
 def test_anything_the_program_comes_from_makes_a_new_entry(cache_dir):
@@ -70,7 +70,7 @@ def test_anything_the_program_comes_from_makes_a_new_entry(cache_dir):
   cached = executable_cache.cached(make_update()[0], 'update', 'lr=0.1')
   cached(fresh_state(), np.ones((5, 4), np.float32))  # another shape
   cached(fresh_state(), np.ones((3, 4), np.int32))  # another dtype
-  assert counts_since(before) == {'hits': 0, 'misses': 4}
+  assert counts_since(before) == {'hits': 0, 'misses': 4, 'prefetched': 0}
   assert len(list(cache_dir.glob(f'*{executable_cache.SUFFIX}'))) == 5
 
 
@@ -143,7 +143,7 @@ def test_an_unreadable_entry_is_compiled_again(cache_dir, damage, caplog):
   with caplog.at_level(logging.WARNING):
     result = executable_cache.cached(update, 'update')(fresh_state(), x)
   assert f'could not load the compiled program {entry}' in caplog.text and 'compiling again' in caplog.text
-  assert counts_since(before) == {'hits': 0, 'misses': 1} and traces == [(3, 4)]
+  assert counts_since(before) == {'hits': 0, 'misses': 1, 'prefetched': 0} and traces == [(3, 4)]
   assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), result, expected))
   assert entry.read_bytes() != data[:len(data) // 2] and len(entry.read_bytes()) > 100  # stored again, whole
 
@@ -152,7 +152,8 @@ def test_compiling_in_the_background_loads_or_compiles_on_a_thread(cache_dir):
   x = np.ones((3, 4), np.float32)
   abstract = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), fresh_state()),
               jax.ShapeDtypeStruct(x.shape, x.dtype))
-  for expected in ({'hits': 0, 'misses': 1}, {'hits': 1, 'misses': 0}):  # cold, then as a new process
+  cold, warm = {'hits': 0, 'misses': 1, 'prefetched': 0}, {'hits': 1, 'misses': 0, 'prefetched': 0}
+  for expected in (cold, warm):  # the second time as a new process would
     update, traces = make_update()
     cached = executable_cache.cached(update, 'update')
     before = executable_cache.counts()
@@ -191,7 +192,7 @@ def test_a_cache_that_cannot_be_written_still_loads_and_runs(cache_dir, monkeypa
   with caplog.at_level(logging.WARNING):
     loaded = executable_cache.cached(make_update()[0], 'update')(fresh_state(), x)
     compiled = executable_cache.cached(make_update()[0], 'update')(fresh_state(), np.ones((5, 4), np.float32))
-  assert counts_since(before) == {'hits': 1, 'misses': 1}
+  assert counts_since(before) == {'hits': 1, 'misses': 1, 'prefetched': 0}
   assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), loaded, expected))
   assert int(compiled[0]['count']) == 1 and 'could not keep the compiled program' in caplog.text
 
@@ -213,6 +214,6 @@ def test_the_first_program_a_function_ran_is_loaded_ahead_next_time(cache_dir, m
   update, traces = make_update()
   before = executable_cache.counts()
   result = executable_cache.cached(update, 'update', 'lr=0.1')(fresh_state(), x)
-  assert counts_since(before) == {'hits': 1, 'misses': 0} and traces == []
+  assert counts_since(before) == {'hits': 1, 'misses': 0, 'prefetched': 1} and traces == []
   assert executable_cache._prefetched == {}  # taken by the call
   assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), result, expected))

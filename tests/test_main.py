@@ -185,6 +185,8 @@ def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_p
   # The steps themselves come whole from jft's own cache, neither traced nor lowered (jft/executable_cache.py).
   assert cold['executable_cache_hits'] == 0 and cold['executable_cache_misses'] >= 1
   assert warm['executable_cache_hits'] >= 1 and warm['executable_cache_misses'] == 0
+  # The warm run's first step ran the program it had started loading before it read its data.
+  assert cold['executable_cache_prefetched'] == 0 and warm['executable_cache_prefetched'] == 1
   assert 'executable_cache_hits' not in off
   assert traced == [{'train_step', 'eval_step'}, set(), {'train_step', 'eval_step'}]
   assert losses[0] == losses[1] == losses[2]  # every train, validation and test loss, to the last bit
