@@ -49,22 +49,11 @@ class Model:
   apply_fn: ApplyFn
 
 
-def num_classes(config: ml_collections.ConfigDict) -> int:
-  """The dataset's class count, from its description (no data is read)."""
-  return data.num_classes(config.data.name, config.data.data_dir, classes=config.data.get('classes'))
-
-
-def configured_module(config: ml_collections.ConfigDict) -> nn.Module:
-  """The module `config.model` names, for the dataset's classes."""
-  return models.get_model(config.model, num_classes(config))
-
-
-def build_model(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1,
-                module: nn.Module | None = None) -> Model:
-  """The model of `config` (its `module`, if the caller has made it: `configured_module`), initialised on the
-  shapes of one example of the data."""
-  classes = num_classes(config)
-  module = models.get_model(config.model, classes) if module is None else module
+def build_model(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1) -> Model:
+  """The model of `config`, initialised on the shapes of one example of the data."""
+  classes = config.data.get('classes')
+  num_classes = data.num_classes(config.data.name, config.data.data_dir, classes=classes)
+  module = models.get_model(config.model, num_classes)
   example = next(iter(data.eval_batches(config.data, config.data.test_split, config.batch_size,
                                         process_index=process_index, process_count=process_count)))
   example_inputs = step_lib.model_inputs({k: v[:1] for k, v in example.items()})
@@ -78,7 +67,7 @@ def build_model(config: ml_collections.ConfigDict, process_index: int = 0, proce
   if adapters is not None:
     init_variables = lora.with_adapters(init_variables, adapters)
     apply_fn = lora.wrap_apply_fn(apply_fn, adapters.scale, keep_zeros=pruning.is_on(config.get('prune')))
-  return Model(module=module, num_classes=classes, init_variables=init_variables, example_inputs=example_inputs,
+  return Model(module=module, num_classes=num_classes, init_variables=init_variables, example_inputs=example_inputs,
                apply_fn=apply_fn)
 
 

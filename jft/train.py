@@ -67,15 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
       data.data_source(config.data.name, config.data.train_split, config.data.data_dir, config.data.get('classes'))
     multihost_utils.sync_global_devices('jft: data prepared')
-  # What the steps are built from besides the code and their arguments: the key of the compiled steps a repeated
-  # run loads without tracing them (jft/executable_cache.py). A fresh run starts loading its first step's program
-  # (as the last one ran it) now, on a thread, while it reads its data and makes its state.
-  module = components.configured_module(config)
-  built_from = (config.to_json(sort_keys=True), repr(module))
-  step_name = lambda stage_index: f'train_step {stage_index}'
-  if not (workdir / 'checkpoints').exists():
-    executable_cache.prefetch(step_name(0), *built_from)
-  model = components.build_model(config, module=module, **process)
+  model = components.build_model(config, **process)
   apply_fn = model.apply_fn
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   # The model's initialisation traced once for its shapes: every stage's state shapes follow from these.
@@ -90,6 +82,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if teacher is not None:
     loss_fn = distill.make_loss(config.distill.weight, config.distill.temperature)
 
+  # What the steps are built from besides the code and their arguments: the key of the compiled steps a repeated
+  # run loads without tracing them (jft/executable_cache.py).
+  built_from = (config.to_json(sort_keys=True), repr(model.module))
+  step_name = lambda stage: f'train_step {stage.index}'
   make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, train_rng)
   abstract_state = lambda tx: jax.eval_shape(lambda variables: make_state(*variables, tx), abstract_variables)
 
@@ -103,10 +99,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return stages_lib.CompiledStage(stage, tx, state_sharding, pmap_backend.pmap_train_step(train_step, mesh))
     train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn), mesh,
                                          state_sharding)
-    train_step = executable_cache.cached(train_step, step_name(stage.index), *built_from)
+    train_step = executable_cache.cached(train_step, step_name(stage), *built_from)
     return stages_lib.CompiledStage(stage, tx, state_sharding, train_step)
 
   checkpoints = Checkpoints(workdir / 'checkpoints', **config.checkpoint)
+  if not checkpoints.all_steps():  # a fresh run: its first step's program (as the last one ran it) loads meanwhile
+    executable_cache.prefetch(step_name(stages[0]), *built_from)
   # The best validation result so far (a new best is always saved, for the test of config.test_on='best'), and
   # early stopping: both resume from the checkpoint's progress record.
   test_on = early_stopping.test_on(config)
