@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from jft import (
   compilation_cache,
+  compile_ahead,
   components,
   config_checks,
   data,
@@ -172,6 +173,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = data.eval_batches(config.data, split, config.batch_size, **process)
     return step_lib.evaluate(compiled_eval_steps[key], state, batches, mesh, keep_predictions)
 
+  def make_programs_ahead(step: int, state, batch) -> compile_ahead.CompileAhead | None:
+    """The current stage's programs for the lengths its batches after `step` pad to, made on threads while the
+    steps run (text data; step s reads the batch at position s - 1)."""
+    positions = range(step, runner.current.stage.last_step)
+    coming = data.batch_lengths(config.data, config.batch_size, config.seed, positions)
+    return None if coming is None else compile_ahead.CompileAhead(runner.current.train_step, state, batch, coming)
+
   # The loop: next batch -> on the mesh -> hooks -> step -> log / evaluate / save.
   log = metric_writer.TrainLog()
   nonfinite = divergence.NonfiniteWatch(config.get('skip_nonfinite', 0), advice=_divergence_advice(config))
@@ -180,12 +188,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   bar = tqdm.tqdm(range(first_step, last_step + 1), initial=first_step - 1, total=config.total_steps,
                   unit='step', mininterval=1.0, disable=jax.process_index() != 0)
   clock.since_start('setup')
+  ahead, ahead_stage = None, None
   for step in bar:
     state = runner.before_step(step, state)
     for hook in hooks:
       state = hook.before_step(step, state)
     batch = on_mesh(next(train_batches)) if first_batch is None else first_batch
     first_batch = None
+    if ahead is not None and ahead_stage is runner.current:  # (a new stage's first step makes its own)
+      ahead.before_step(batch)
     state, metrics = runner.train_step(state, batch)
     log.add(metrics)
     nonfinite.add(step, metrics['nonfinite'])
@@ -197,6 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               if jax.config.jax_compilation_cache_dir},
                            **{f'executable_cache_{k}': v for k, v in executable_cache.counts().items()
                               if executable_cache.directory()}})
+    if backend == 'jit' and ahead_stage is not runner.current:  # once a stage's first step has run
+      ahead, ahead_stage = make_programs_ahead(step, state, batch), runner.current
     last = step == config.total_steps
     stop = preempted is not None and preempted.reached(step)
     evaluate_now = bool(config.data.validation_split) and (step % config.eval_every == 0 or last)

@@ -141,14 +141,24 @@ def test_checkpoint_that_does_not_fit_the_model_exits_2_listing_names_and_shapes
   assert 'Traceback' not in result.stderr
 
 
-def test_minilm_fine_tunes_on_fortunes8(data_dir, tmp_path):
+def test_minilm_fine_tunes_on_fortunes8_making_its_second_length_ahead(data_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv('JAX_LOG_COMPILES', '1')
   workdir = str(tmp_path / 'minilm')
-  result = run_main('--config=configs/minilm_fortunes.py:quick', f'--workdir={workdir}', data_dir=data_dir)
+  result = run_main('--config=configs/minilm_fortunes.py:quick', f'--workdir={workdir}', '--compilation_cache=off',
+                    '--config.data.buckets=(32,64)', data_dir=data_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   (test,) = [line for line in read_metrics(workdir) if line['split'] == 'test']
   assert test['count'] == 64 and len(test['confusion_matrix']) == 8
   train = [line['loss'] for line in read_metrics(workdir) if line['split'] == 'train']
   assert train[-1] < train[0]
+  # Both lengths' steps made once; the second traced, lowered and compiled on a thread of its own while the first
+  # steps ran (jft/compile_ahead.py), so the loop's thread only lowered the first (jft/step.py, compile_in_background).
+  thread_id = lambda line: line.split()[2]  # absl's prefix: level+date, time, thread id, file:line]
+  lines = result.stderr.splitlines()
+  lowered = [thread_id(line) for line in lines if 'Compiling jit(train_step)' in line]
+  compiled = [thread_id(line) for line in lines if 'Finished XLA compilation of jit(train_step)' in line]
+  assert len(lowered) == len(compiled) == 2, (lowered, compiled)
+  assert lowered[1] == compiled[1] and lowered[0] not in (lowered[1], *compiled)
 
 
 def test_the_train_step_compiles_once_ahead_of_the_state_and_the_loop_runs_it(data_dir, tmp_path, monkeypatch):

@@ -160,6 +160,15 @@ def test_train_batches_are_bucketed_and_masked(data_dir):
     assert not batch['token_type_ids'].any()
 
 
+def test_batch_lengths_foretell_the_padded_length_of_each_training_batch(data_dir):
+  config = _config(data_dir, train_split='train[:320]')  # 10 batches an epoch: positions 0-24 span three epochs
+  batches = _take(data.train_iterator(config, 32, seed=3), 25)
+  lengths = [b['input_ids'].shape[1] for b in batches]
+  assert data.batch_lengths(config, 32, 3, range(25)) == lengths and len(set(lengths)) > 1
+  assert data.batch_lengths(config, 32, 3, [24, 7, 13]) == [lengths[24], lengths[7], lengths[13]]
+  assert data.batch_lengths(data.default_image_config('digits'), 32, 3, range(5)) is None  # one shape
+
+
 def test_length_grouping_cuts_padding(data_dir):
   epoch = 3702 // 32
   grouped = _padded_fraction(_take(data.train_iterator(_config(data_dir), 32, seed=0), epoch))

@@ -1,7 +1,7 @@
 """Per-host numpy batches of every dataset from its tfds array_record source: images here, text in `text`."""
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import ml_collections
@@ -115,6 +115,13 @@ def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, seed
   # The state is the global position alone ({'next_index': step}), the same on every host.
   dataset = grain.MapDataset.range(num_batches).repeat().map_with_index(read)
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+
+def batch_lengths(data_config: ml_collections.ConfigDict, batch_size: int, seed: int,
+                  positions: Sequence[int]) -> list[int] | None:
+  """The length each training batch at `positions` (counted from 0 as `train_iterator` yields them) pads to, on
+  axis 1 of `text.LENGTH_KEYS`; None for images (one shape)."""
+  return text.batch_lengths(data_config, batch_size, seed, positions) if builders.is_text(data_config.name) else None
 
 
 def eval_batches(data_config: ml_collections.ConfigDict, split: str, batch_size: int,

@@ -13,7 +13,7 @@ import functools
 import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import ml_collections
@@ -26,6 +26,7 @@ from jft.data import builders
 from jft.errors import UserError
 
 MAX_POSITIONS = 512  # The position embeddings of BERT-family encoders such as minilm.
+LENGTH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids')  # a batch's arrays [batch, length]
 
 
 def default_text_config(name: str) -> ml_collections.ConfigDict:
@@ -139,10 +140,13 @@ class _TokenizedSplit:
       self.labels_N = np.concatenate([self.labels_N, np.full(len(extra), UNLABELED, np.int32)])
     self.ids_NxL, self.lengths_N = tokenize(texts, data_config.tokenizer, data_config.max_len)
 
+  def padded_length(self, indices_B: np.ndarray, buckets: Sequence[int]) -> int:
+    """The length the global batch of examples `indices_B` pads to: the bucket of its longest example."""
+    return buckets[np.searchsorted(buckets, self.lengths_N[indices_B].max())]
+
   def batch(self, indices_B: np.ndarray, rows: slice, buckets: Sequence[int]) -> dict[str, np.ndarray]:
     """Rows `rows` of the global batch of examples `indices_B`, padded to the bucket of its longest example."""
-    # Chosen from the global batch, so that every host's part has the same shape.
-    length = buckets[np.searchsorted(buckets, self.lengths_N[indices_B].max())]
+    length = self.padded_length(indices_B, buckets)  # of the global batch: every host's part has the same shape
     indices = indices_B[rows]
     input_ids = self.ids_NxL[indices, :length]
     attention_mask = (np.arange(length) < self.lengths_N[indices, None]).astype(np.int32)
@@ -224,22 +228,37 @@ def epoch_plan(lengths_N: np.ndarray, batch_size: int, sort_window: int, seed: i
   return order.reshape(num_batches, batch_size)[rng.permutation(num_batches)]
 
 
-def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows: slice,
-                   seed: int) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator of rows `rows` of the global training batches of `batch_size`."""
-  split, buckets = _training_split(data_config), bucket_lengths(data_config)
+def _training_plan(data_config: ml_collections.ConfigDict, batch_size: int,
+                   seed: int) -> tuple[_TokenizedSplit, int, Callable[[int], np.ndarray]]:
+  """(the training split, its batches per epoch, epoch -> its batches' example indices)."""
+  split = _training_split(data_config)
   num_batches = len(split.lengths_N) // batch_size
   if num_batches == 0:
     raise UserError(f'{data_config.train_split!r} has {len(split.lengths_N)} examples, fewer than one batch of '
                     f'{batch_size}: use a larger train_split or a smaller batch_size.')
   plan = functools.lru_cache(maxsize=2)(
       functools.partial(epoch_plan, split.lengths_N, batch_size, data_config.sort_window, seed))
+  return split, num_batches, plan
+
+
+def train_iterator(data_config: ml_collections.ConfigDict, batch_size: int, rows: slice,
+                   seed: int) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of rows `rows` of the global training batches of `batch_size`."""
+  (split, num_batches, plan), buckets = _training_plan(data_config, batch_size, seed), bucket_lengths(data_config)
 
   def read(step: int, batch_index: int) -> dict[str, np.ndarray]:
     return split.batch(plan(step // num_batches)[batch_index], rows, buckets)
 
   dataset = grain.MapDataset.range(num_batches).repeat().map_with_index(read)
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+
+def batch_lengths(data_config: ml_collections.ConfigDict, batch_size: int, seed: int,
+                  positions: Sequence[int]) -> list[int]:
+  """The length (axis 1 of `LENGTH_KEYS`) each training batch at `positions` pads to: the batches `train_iterator`
+  yields, counted from 0 over the epochs."""
+  (split, num_batches, plan), buckets = _training_plan(data_config, batch_size, seed), bucket_lengths(data_config)
+  return [split.padded_length(plan(p // num_batches)[p % num_batches], buckets) for p in positions]
 
 
 def eval_batches(data_config: ml_collections.ConfigDict, split_name: str, batch_size: int,
