@@ -2,19 +2,20 @@
 
 Text batches pad to a few bucket lengths (jft/data/text.py), and each length is a program of its own. Made when
 its first batch arrives, each one stops the loop while it is traced, lowered and compiled (about 5 s for the
-MiniLM step on a 2-core CPU), and XLA's compiler keeps only one core of the machine busy meanwhile. Once a
+MiniLM step on a 2-core CPU), and XLA's compiler keeps mostly one core of the machine busy meanwhile. Once a
 stage's first step has run, `CompileAhead` makes the step's program for each other length its batches will pad
 to (`data.batch_lengths`, from the data's own plan), in the order they first need them, on threads
 (`jft-compile-ahead`), while the steps run: compiled, or loaded from jft/executable_cache.py. A step whose
 program is still being made waits for it instead of making it twice; one whose length is still queued makes its
-own. At most `workers` programs are in the making at a time, started from the loop (`before_step`), so that a
-run that ends (preempted, stopped early, diverged) waits for no more than those.
+own. At most `workers` programs are in the making at a time (`JFT_COMPILE_AHEAD=N`; 0 makes none ahead), started
+from the loop (`before_step`), so that a run that ends (preempted, stopped early, diverged) waits for no more than
+those.
 """
 
 import collections
 import concurrent.futures
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,11 +23,21 @@ from absl import logging
 
 from jft import executable_cache
 from jft.data.text import LENGTH_KEYS
+from jft.errors import UserError
+
+VARIABLE = 'JFT_COMPILE_AHEAD'
 
 
-def default_workers() -> int:
-  """Programs made at a time: one on a 2-core host, whose steps need both cores; half the cores on a larger one."""
-  return max(1, (os.cpu_count() or 1) // 2)
+def workers(environ: Mapping[str, str] = os.environ) -> int:
+  """Programs made at a time: `JFT_COMPILE_AHEAD` (0: none made ahead), else one on a 2-core host, whose steps
+  need both cores, half the cores on a larger one."""
+  value = environ.get(VARIABLE, '')
+  if not value:
+    return max(1, (os.cpu_count() or 1) // 2)
+  if not value.isdigit():
+    raise UserError(f'{VARIABLE}={value!r} is not a count: give how many programs to make ahead at a time '
+                    '(0: none), or unset it')
+  return int(value)
 
 
 def batch_length(batch: dict[str, Any]) -> int | None:
@@ -56,11 +67,11 @@ class CompileAhead:
   order) other than `batch`'s, `workers` at a time, for a state like `state`."""
 
   def __init__(self, train_step: Callable, state: Any, batch: dict[str, Any], coming: Sequence[int],
-               workers: int | None = None):
+               workers: int):
     self.train_step, self.batch = train_step, at_length(batch, batch_length(batch))
     self.state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     self.queue = collections.deque(dict.fromkeys(length for length in coming if length != batch_length(batch)))
-    self.workers = workers or default_workers()
+    self.workers = workers
     self.making: dict[int, concurrent.futures.Future] = {}
     self._start()
 

@@ -4,7 +4,9 @@ much of it jax spent making programs (tracing, lowering, and compiling or loadin
 The train loop reports `RunTime.summary()` as the test record's `seconds` (metrics.jsonl, the command line's last
 line), so "why did this run take so long" has an answer without a profiler. The phases are disjoint and add up to
 `total` (this process only: a resumed run counts from its restart); `compile` is not a phase of its own but happens
-inside them (a new bucket shape compiles in `train`, the eval step's shapes in `validation`).
+inside them (a new bucket shape compiles in `train`, the eval step's shapes in `validation`), on any thread: the
+train step's programs made ahead (jft/compile_ahead.py) are made while the steps run, so not all of `compile` is
+time the run waited.
 """
 
 import collections

@@ -61,6 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(shape=config.get('mesh'))
   sharding.check_batch_size(config.batch_size, mesh)
   backend = config.get('backend', 'jit')
+  ahead_workers = compile_ahead.workers() if backend == 'jit' else 0
   pmap_backend.check_backend(backend, mesh)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if jax.process_count() > 1:
@@ -178,7 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     steps run (text data; step s reads the batch at position s - 1)."""
     positions = range(step, runner.current.stage.last_step)
     coming = data.batch_lengths(config.data, config.batch_size, config.seed, positions)
-    return None if coming is None else compile_ahead.CompileAhead(runner.current.train_step, state, batch, coming)
+    return None if coming is None else compile_ahead.CompileAhead(runner.current.train_step, state, batch, coming,
+                                                                  ahead_workers)
 
   # The loop: next batch -> on the mesh -> hooks -> step -> log / evaluate / save.
   log = metric_writer.TrainLog()
@@ -208,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               if jax.config.jax_compilation_cache_dir},
                            **{f'executable_cache_{k}': v for k, v in executable_cache.counts().items()
                               if executable_cache.directory()}})
-    if backend == 'jit' and ahead_stage is not runner.current:  # once a stage's first step has run
+    if ahead_workers and ahead_stage is not runner.current:  # once a stage's first step has run
       ahead, ahead_stage = make_programs_ahead(step, state, batch), runner.current
     last = step == config.total_steps
     stop = preempted is not None and preempted.reached(step)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jft import compile_ahead, executable_cache, sharding
+from jft.errors import UserError
 
 
 def make_step():
@@ -92,8 +93,11 @@ def test_a_failed_program_is_made_again_by_its_step(mesh, caplog):
   assert int(step(state, batch_of(16, mesh))[1]['tokens']) == 20
 
 
-def test_two_cores_make_one_program_at_a_time(monkeypatch):
+def test_two_cores_make_one_program_at_a_time_unless_told(monkeypatch):
   monkeypatch.setattr('os.cpu_count', lambda: 2)
-  assert compile_ahead.default_workers() == 1
+  assert compile_ahead.workers({}) == 1 and compile_ahead.workers({'JFT_COMPILE_AHEAD': ''}) == 1
   monkeypatch.setattr('os.cpu_count', lambda: 16)
-  assert compile_ahead.default_workers() == 8
+  assert compile_ahead.workers({}) == 8
+  assert [compile_ahead.workers({'JFT_COMPILE_AHEAD': n}) for n in ('0', '3')] == [0, 3]  # 0: none ahead
+  with pytest.raises(UserError, match="JFT_COMPILE_AHEAD='two' is not a count"):
+    compile_ahead.workers({'JFT_COMPILE_AHEAD': 'two'})
