@@ -29,11 +29,12 @@ VARIABLE = 'JFT_COMPILE_AHEAD'
 
 
 def workers(environ: Mapping[str, str] = os.environ) -> int:
-  """Programs made at a time: `JFT_COMPILE_AHEAD` (0: none made ahead), else one on a 2-core host, whose steps
-  need both cores, half the cores on a larger one."""
+  """Programs made at a time: `JFT_COMPILE_AHEAD` (0: none made ahead), else half the cores, at least two (a text
+  run's lengths mostly come within its first steps, while the loop waits for them: two at a time keep both cores
+  of a 2-core host busy, benchmarks/compile_ahead.py)."""
   value = environ.get(VARIABLE, '')
   if not value:
-    return max(1, (os.cpu_count() or 1) // 2)
+    return max(2, (os.cpu_count() or 1) // 2)
   if not value.isdigit():
     raise UserError(f'{VARIABLE}={value!r} is not a count: give how many programs to make ahead at a time '
                     '(0: none), or unset it')

@@ -93,9 +93,9 @@ def test_a_failed_program_is_made_again_by_its_step(mesh, caplog):
   assert int(step(state, batch_of(16, mesh))[1]['tokens']) == 20
 
 
-def test_two_cores_make_one_program_at_a_time_unless_told(monkeypatch):
+def test_half_the_cores_make_programs_at_a_time_and_at_least_two_unless_told(monkeypatch):
   monkeypatch.setattr('os.cpu_count', lambda: 2)
-  assert compile_ahead.workers({}) == 1 and compile_ahead.workers({'JFT_COMPILE_AHEAD': ''}) == 1
+  assert compile_ahead.workers({}) == 2 and compile_ahead.workers({'JFT_COMPILE_AHEAD': ''}) == 2
   monkeypatch.setattr('os.cpu_count', lambda: 16)
   assert compile_ahead.workers({}) == 8
   assert [compile_ahead.workers({'JFT_COMPILE_AHEAD': n}) for n in ('0', '3')] == [0, 3]  # 0: none ahead
