@@ -74,10 +74,11 @@ def test_a_step_whose_length_is_still_queued_makes_its_own(mesh):
   step, traces = make_step()
   state = step(fresh_state(mesh), batch_of(8, mesh))[0]
   ahead = compile_ahead.CompileAhead(step, state, batch_of(8, mesh), [16, 32], workers=1)
+  making_16 = ahead.making[16]
   ahead.before_step(batch_of(32, mesh))  # 32 comes first after all: taken off the queue, made by its step
   assert 32 not in ahead.queue
   state, _ = step(state, batch_of(32, mesh))
-  ahead.making[16].result()
+  making_16.result()
   assert sorted(traces) == [(8, True), (16, False), (32, True)]
 
 
