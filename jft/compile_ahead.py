@@ -69,9 +69,10 @@ class CompileAhead:
 
   def __init__(self, train_step: Callable, state: Any, batch: dict[str, Any], coming: Sequence[int],
                workers: int):
-    self.train_step, self.batch = train_step, at_length(batch, batch_length(batch))
+    own = batch_length(batch)
+    self.train_step, self.batch = train_step, at_length(batch, own)
     self.state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    self.queue = collections.deque(dict.fromkeys(length for length in coming if length != batch_length(batch)))
+    self.queue = collections.deque(dict.fromkeys(length for length in coming if length != own))
     self.workers = workers
     self.making: dict[int, concurrent.futures.Future] = {}
     self._start()

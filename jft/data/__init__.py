@@ -7,7 +7,7 @@ from jft.data.pipeline import Batch, batch_lengths, default_image_config, eval_b
 from jft.data.text import bucket_lengths, choose_buckets, default_text_config, epoch_plan, tokenize
 
 __all__ = [
-    'BUILDERS', 'Batch', 'Digits', 'FORTUNES8_CLASSES', 'Fashion', 'Fortunes', 'Fortunes8', 'FortunesBuilder',
+    'BUILDERS', 'FORTUNES8_CLASSES', 'Batch', 'Digits', 'Fashion', 'Fortunes', 'Fortunes8', 'FortunesBuilder',
     'ImageBuilder', 'batch_lengths', 'bucket_lengths', 'choose_buckets', 'class_names', 'data_source',
     'default_image_config', 'default_text_config', 'epoch_plan', 'eval_batches', 'first_per_class',
     'fortunes_config', 'is_text', 'make_augment', 'num_classes', 'random_crop', 'random_flip', 'random_shift',
