@@ -9,7 +9,8 @@ everything the program is built from:
     (a user's own model or script), and the versions of Python, jax, jaxlib, flax, optax, numpy, ml_dtypes, chex;
   - how jax and XLA are set: every `jax.config` value but those that only change what jax logs or reports and
     where its own cache lives (`REPORTING_SETTINGS`: `JAX_LOG_COMPILES=1`, turned on to see whether a start
-    compiles, must not itself make it compile), `XLA_FLAGS` and `LIBTPU_INIT_ARGS`, the devices;
+    compiles, must not itself make it compile) and those that change only how a compiled program is run
+    (`RUNTIME_SETTINGS`: whether jax runs CPU programs inline), `XLA_FLAGS` and `LIBTPU_INIT_ARGS`, the devices;
   - what the caller says the function is built from (jft's train loop: the step's name and stage, the whole config,
     and the model module with all its hyperparameters, e.g. a Hugging Face config.json's);
   - the arguments' tree structure, shapes, dtypes and shardings.
@@ -69,6 +70,9 @@ REPORTING_SETTINGS = frozenset({
     'jax_enable_compilation_cache', 'jax_compilation_cache_max_size', 'jax_persistent_cache_min_compile_time_secs',
     'jax_persistent_cache_min_entry_size_bytes', 'jax_raise_persistent_cache_errors',
 })
+# jax settings that change how a compiled program is run, not the program (jft/host_memory.py runs CPU programs
+# inline; a script that does not shares its entries).
+RUNTIME_SETTINGS = frozenset({'jax_cpu_enable_async_dispatch'})
 _directory: pathlib.Path | None = None
 _counts = collections.Counter()
 _compiling = threading.local()
@@ -250,7 +254,7 @@ def environment_digest() -> str | None:
     digest.update(f'{path}\0{content}'.encode())
   versions = [sys.version, *(f'{name} {getattr(sys.modules.get(name), "__version__", None)}' for name in _VERSIONED)]
   settings = sorted((name, repr(value)) for name, value in jax.config.values.items()
-                    if name not in REPORTING_SETTINGS)
+                    if name not in REPORTING_SETTINGS | RUNTIME_SETTINGS)
   settings += sorted((name, repr(getattr(flax.config, name))) for name in dir(flax.config)
                      if name.startswith(('flax_', 'nnx_')))  # e.g. how flax derives rngs
   environment = [(name, os.environ.get(name)) for name in _ENVIRONMENT]

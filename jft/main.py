@@ -84,6 +84,10 @@ def main() -> None:
   gc.freeze()
   compilation_cache.enable(_COMPILATION_CACHE.value)
   try:
+    host_memory.run_programs_inline()  # one step's temporaries at a time on CPU, before jax makes its client
+  except ValueError as e:
+    _fail(str(e))
+  try:
     distributed.initialize_from_flags()  # before anything asks jax about devices
     with preemption.PreemptionWatch() as preempted, _workdir(_WORKDIR.value):
       test = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, preempted)

@@ -206,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       jax.block_until_ready(metrics)
       log.first_step_done({'seconds_to_first_step': time.perf_counter() - clock.start,
                            'host_memory': host_memory.describe(),
+                           **({'cpu_dispatch': 'async' if jax.config.values['jax_cpu_enable_async_dispatch']
+                               else 'inline'} if jax.default_backend() == 'cpu' else {}),
                            **{f'compilation_cache_{k}': v for k, v in compilation_cache.counts().items()
                               if jax.config.jax_compilation_cache_dir},
                            **{f'executable_cache_{k}': v for k, v in executable_cache.counts().items()

@@ -116,13 +116,14 @@ def test_a_changed_source_file_changes_the_key(tmp_path, monkeypatch, caplog):
     ('jax_log_compiles', True, True),  # JAX_LOG_COMPILES=1, to see whether a warm start compiles
     ('jax_explain_cache_misses', True, True),
     ('jax_persistent_cache_min_compile_time_secs', 7.0, True),
+    ('jax_cpu_enable_async_dispatch', False, True),  # how CPU programs run (jft.main: inline), not what they are
     ('jax_default_matmul_precision', 'highest', False),  # another program
     ('jax_enable_x64', True, False),
 ])
 def test_only_settings_that_can_change_the_program_are_in_the_key(setting, value, same_program):
   before = executable_cache.environment_digest()
   assert before is not None
-  old = getattr(jax.config, setting)
+  old = jax.config.values[setting]
   jax.config.update(setting, value)
   try:
     assert (executable_cache.environment_digest() == before) == same_program

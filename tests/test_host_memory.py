@@ -1,6 +1,7 @@
 """jft/host_memory.py: when a process restarts itself with jemalloc (where installed) or glibc's huge page tunable
 (not where the hypervisor takes freed pages back), and that the restart keeps its process id and arguments and cuts
-the page faults of a step whose temporaries glibc maps afresh each call."""
+the page faults of a step whose temporaries glibc maps afresh each call; that CPU programs run inline unless asked
+otherwise, with the GIL released while they run."""
 
 import json
 import os
@@ -224,3 +225,59 @@ def test_the_command_line_exits_2_on_an_unknown_allocator(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert "JFT_ALLOCATOR='tcmalloc'" in result.stderr and 'jemalloc or glibc' in result.stderr
   assert not (tmp_path / 'run').exists()  # stopped before anything was written
+
+
+# A program of about 0.1-0.3 s on 2 cores, called once compiled while another thread counts; prints whether its result
+# was ready when the call returned and how far the other thread counted during the call.
+_DISPATCH_SCRIPT = textwrap.dedent("""
+    import json, threading, time
+    from jft import host_memory
+    choice = host_memory.run_programs_inline()
+    import jax, jax.numpy as jnp
+    program = jax.jit(lambda x: jnp.linalg.matrix_power(x, 8).sum())
+    x = jnp.full((1500, 1500), 1 / 1500, jnp.float32)
+    program(x).block_until_ready()
+    count, done = [0], threading.Event()
+    def counter():
+      while not done.is_set():
+        count[0] += 1
+    thread = threading.Thread(target=counter)
+    thread.start()
+    time.sleep(0.05)
+    before = count[0]
+    result = program(x)
+    ready, during = result.is_ready(), count[0] - before
+    done.set()
+    thread.join()
+    print(json.dumps({'choice': choice, 'ready_on_return': ready, 'counted_during_call': during}))
+""")
+
+
+@pytest.mark.parametrize('environ, inline', [({}, True), ({'JFT_CPU_DISPATCH': 'inline'}, True),
+                                             ({'JFT_CPU_DISPATCH': 'async'}, False)])
+def test_cpu_programs_run_inline_with_the_gil_released(environ, inline):
+  env = {key: value for key, value in os.environ.items() if key != host_memory.DISPATCH_VARIABLE}
+  result = subprocess.run([sys.executable, '-c', _DISPATCH_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**env, 'JAX_PLATFORMS': 'cpu', **environ}, check=True)
+  line = json.loads(result.stdout.splitlines()[-1])
+  assert line['choice'] == ('inline' if inline else 'async')
+  # Inline, the call returns with the result computed (and its temporaries freed); asynchronously, at once.
+  assert line['ready_on_return'] is inline, line
+  if inline:  # the other thread ran while the program did: the threads that make programs ahead are not held up
+    assert line['counted_during_call'] > 1000, line
+
+
+def test_an_unknown_cpu_dispatch_is_an_error_that_names_the_choices():
+  with pytest.raises(ValueError, match="JFT_CPU_DISPATCH='sync': use inline or async"):
+    host_memory.cpu_dispatch({'JFT_CPU_DISPATCH': 'sync'})
+
+
+def test_the_command_line_exits_2_on_an_unknown_cpu_dispatch(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-m', 'jft.main', '--config=configs/digits_cnn.py:quick',
+                           f'--workdir={tmp_path / "run"}'], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'JFT_CPU_DISPATCH': 'sync'})
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "JFT_CPU_DISPATCH='sync'" in result.stderr and 'inline or async' in result.stderr
+  assert not (tmp_path / 'run').exists()  # stopped before anything was written
+

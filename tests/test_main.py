@@ -216,6 +216,7 @@ def test_a_second_run_loads_its_steps_from_the_compilation_cache(data_dir, tmp_p
   added = host_memory.restart_environment(os.environ, host_memory.find_jemalloc(), host_memory.glibc_version(),
                                           host_memory.transparent_huge_pages_mode(), host_memory.free_page_reporting())
   assert all(line['host_memory'] == host_memory.describe({**os.environ, **(added or {})}) for line in first_lines)
+  assert all(line['cpu_dispatch'] == host_memory.cpu_dispatch() for line in first_lines)  # 'inline' unless asked
 
 
 def test_weights_that_do_not_fit_the_architecture_exit_2(data_dir, tmp_path):
