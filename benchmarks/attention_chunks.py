@@ -47,6 +47,7 @@ def compiled_run(setup: MiniLMSetup, chunks: int) -> tuple[list, float]:
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
+  host_memory.run_programs_inline()  # ... and CPU programs run inline, as there
   jax.monitoring.register_event_duration_secs_listener(_record_compile)
   chunks = _CHUNKS.value or bert.CPU_ATTENTION_CHUNKS
   print(machine())

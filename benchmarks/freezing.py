@@ -31,6 +31,7 @@ FREEZE = {
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
+  host_memory.run_programs_inline()  # ... and CPU programs run inline, as there
   setup = MiniLMSetup(_BATCH.value, _LENGTH.value)
   runs = {name: list(setup.state_and_step(freeze)) for name, freeze in FREEZE.items()}
 

@@ -40,6 +40,7 @@ PAUSED_STEPS = 3
 def time_steps(length: int, steps: int, pause: float) -> dict:
   """Times the jitted MiniLM step in this process (restarted with the setting its environment asks for)."""
   host_memory.reexec()
+  host_memory.run_programs_inline()  # as python -m jft.main does (JFT_CPU_DISPATCH=async: jax's default)
   import jax  # noqa: PLC0415 (after the restart)
   from minilm_setup import MiniLMSetup  # noqa: PLC0415
 

@@ -24,6 +24,7 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps after the warm-up')
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
+  host_memory.run_programs_inline()  # ... and CPU programs run inline, as there
   batch_size, length = _BATCH.value, _LENGTH.value
   setup = MiniLMSetup(batch_size, length)
   state, train_step = setup.state_and_step()

@@ -66,6 +66,7 @@ def profile_pytorch(setup: MiniLMSetup) -> None:
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
+  host_memory.run_programs_inline()  # ... and CPU programs run inline, as there
   setup = MiniLMSetup(32, _LENGTH.value, dtype=_DTYPE.value)
   if _PYTORCH.value:
     profile_pytorch(setup)

@@ -27,6 +27,7 @@ _SPARSITY = flags.DEFINE_float('sparsity', 0.9, 'sparsity of the pruned model')
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
+  host_memory.run_programs_inline()  # ... and CPU programs run inline, as there
   setup = MiniLMSetup(_BATCH.value, _LENGTH.value)
   prunable = pruning.prunable(setup.params)
   runs = {'dense': list(setup.state_and_step()), 'pruned': list(setup.state_and_step(prunable=prunable))}

@@ -42,6 +42,7 @@ def make_bare_step(module, tx):
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
+  host_memory.run_programs_inline()  # ... and CPU programs run inline, as there
   config = _CONFIG.value
   module = models.get_model(config.model, data.num_classes(config.data.name, config.data.data_dir))
   tx = optim.make_optimizer(config.optim, config.total_steps)

@@ -34,12 +34,12 @@ where the pretrained package is not installed.
 End to end: the wall time from launch to the final test metrics of `python -m jft.main --config=...` (a cold
 start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
 texts (exported from jft's fortunes8 builder beforehand, so neither pays for building the dataset), run one after
-the other; prints both times, their ratio, where each one's time went (setup, training, validation, checkpoints,
-test; for jft also its compilations, from the test record's `seconds`) and both test accuracies: of the weights
-the config's `test_on` picks for both (the main job's: those of the best validation accuracy), and, tested after
-the timed runs, of the other rule's (the last weights) too. With `--dtype=bfloat16` both run in bf16 mixed
-precision, as in the step mode. Runs of several seeds (`--config.seed=N`), kept as logs, are summarised with error
-bars by benchmarks/end_to_end_seeds.py.
+the other; prints both times, their ratio, each one's peak resident memory, where each one's time went (setup,
+training, validation, checkpoints, test; for jft also its compilations, from the test record's `seconds`) and both
+test accuracies: of the weights the config's `test_on` picks for both (the main job's: those of the best validation
+accuracy), and, tested after the timed runs, of the other rule's (the last weights) too. With `--dtype=bfloat16`
+both run in bf16 mixed precision, as in the step mode. Runs of several seeds (`--config.seed=N`), kept as logs, are
+summarised with error bars by benchmarks/end_to_end_seeds.py.
 """
 
 import contextlib
@@ -203,12 +203,25 @@ def export_texts(config, path: str) -> None:
     json.dump(splits, f)
 
 
-def timed_run(command: list[str], **kwargs) -> tuple[float, str]:
-  start = time.perf_counter()
-  result = subprocess.run(command, capture_output=True, text=True, **kwargs)
-  if result.returncode:
-    raise RuntimeError(f'{command[:3]} failed ({result.returncode}):\n{result.stderr[-3000:]}')
-  return time.perf_counter() - start, result.stdout
+def timed_run(command: list[str], **kwargs) -> tuple[float, str, float]:
+  """(wall seconds, stdout, peak resident memory in GB) of `command`, run to its end. The peak is the process's
+  own `VmHWM` (/proc/PID/status; it starts afresh at each exec), read every 0.1 s while it runs: `getrusage` would
+  count the pages of this process, which the child shares from the fork until its exec."""
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=out, stderr=err, **kwargs)
+    peak_kb = 0
+    while process.poll() is None:
+      with contextlib.suppress(OSError):  # ended between the poll and the read
+        with open(f'/proc/{process.pid}/status') as status:
+          peak_kb = max([peak_kb] + [int(line.split()[1]) for line in status if line.startswith('VmHWM:')])
+      time.sleep(0.1)
+    seconds = time.perf_counter() - start
+    out.seek(0)
+    err.seek(0)
+    if process.returncode:
+      raise RuntimeError(f'{command[:3]} failed ({process.returncode}):\n{err.read().decode()[-3000:]}')
+    return seconds, out.read().decode(), peak_kb * 1024 / 1e9
 
 
 def end_to_end(python: str) -> None:
@@ -226,7 +239,7 @@ def end_to_end(python: str) -> None:
     if _DTYPE.value != 'float32':
       jft_command.append(f'--config.model.dtype={_DTYPE.value}')
     print(f'machine: {machine()}; {host_memory_line()}\njft: {" ".join(jft_command[1:])}', flush=True)
-    jft_s, out = timed_run(jft_command, cwd=repo)
+    jft_s, out, jft_gb = timed_run(jft_command, cwd=repo)
     jft_test = json.loads(out.strip().splitlines()[-1])
     with open(os.path.join(tmp, 'jft', 'metrics.jsonl')) as f:
       jft_curve = [{'step': line['step'], 'validation_accuracy': line['accuracy']} for line in map(json.loads, f)
@@ -234,7 +247,7 @@ def end_to_end(python: str) -> None:
     # The other rule's test (best validation checkpoint or last state), after the timed run: the same command
     # with the other `test_on` tests the finished run again without training on.
     other = 'last' if jft_test['test_on'] == 'best' else 'best'
-    _, out = timed_run(jft_command + [f'--config.test_on={other}'], cwd=repo)
+    _, out, _ = timed_run(jft_command + [f'--config.test_on={other}'], cwd=repo)
     jft_tests = {jft_test['test_on']: jft_test, other: json.loads(out.strip().splitlines()[-1])}
     jft_tests = {rule: {'step': test['tested_step'], 'accuracy': test['accuracy']} for rule, test in jft_tests.items()}
     torch_command = [python, str(WORKER.with_name('pytorch_fortunes.py')), f'--data={texts}',
@@ -244,12 +257,12 @@ def end_to_end(python: str) -> None:
                      f'--seed={config.seed}', f'--max_len={config.data.max_len}', f'--test_on={jft_test["test_on"]}',
                      *([f'--autocast={_DTYPE.value}'] if _DTYPE.value != 'float32' else [])]
     print(f'PyTorch: {" ".join(torch_command[1:])}', flush=True)
-    torch_s, out = timed_run(torch_command, env=torch_environment())
+    torch_s, out, torch_gb = timed_run(torch_command, env=torch_environment())
     torch_result = json.loads(out.strip().splitlines()[-1])
     torch_s -= torch_result['seconds'].get('other_test', 0.0)  # the other rule's test, after its timed run
-  print(f'\n{"":8s} {"wall s":>8s} {"test accuracy":>13s}')
-  print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f}')
-  print(f'{"PyTorch":8s} {torch_s:8.0f} {torch_result["test_accuracy"]:13.3f}')
+  print(f'\n{"":8s} {"wall s":>8s} {"test accuracy":>13s} {"peak memory GB":>14s}')
+  print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f} {jft_gb:14.2f}')
+  print(f'{"PyTorch":8s} {torch_s:8.0f} {torch_result["test_accuracy"]:13.3f} {torch_gb:14.2f}')
   print(f'jft / PyTorch wall time: {jft_s / torch_s:.2f}')
   print(f'both tested on the {jft_test["test_on"]} weights (config.test_on); by each rule, test accuracy (step):')
   for rule in ('best', 'last'):
@@ -266,13 +279,15 @@ def end_to_end(python: str) -> None:
   for ours, theirs in zip(jft_curve, torch_result['validation'], strict=False):
     print(f'  {ours["step"]:5d}  jft {ours["validation_accuracy"]:.3f}  PyTorch {theirs["validation_accuracy"]:.3f}')
   print(json.dumps({'machine': machine(), 'host_memory': host_memory_line(), 'seed': config.seed,
-                    'dtype': _DTYPE.value, 'jft_s': jft_s, 'torch_s': torch_s, 'jft_test': jft_test,
+                    'dtype': _DTYPE.value, 'jft_s': jft_s, 'torch_s': torch_s, 'jft_peak_gb': jft_gb,
+                    'torch_peak_gb': torch_gb, 'jft_test': jft_test,
                     'jft_tests': jft_tests,
                     'jft_validation': jft_curve, 'torch': torch_result}))
 
 
 def main(_):
   host_memory.reexec()  # as python -m jft.main does: the same host memory setup
+  host_memory.run_programs_inline()  # ... and CPU programs run inline, as there
   python = torch_python(_TORCH_VENV.value)
   if _MODE.value == 'end_to_end':
     return end_to_end(python)

@@ -217,9 +217,13 @@ def cpu_dispatch(environ: Mapping[str, str] = os.environ) -> str:
 def run_programs_inline(environ: Mapping[str, str] = os.environ) -> str:
   """Makes jax run each single-device CPU program inline, unless `JFT_CPU_DISPATCH=async` (see the module
   docstring); returns the choice. Call it before anything asks jax about devices: jax reads the setting when it
-  makes its CPU client, and ignores it after."""
+  makes its CPU client (RuntimeError if it has made it already)."""
   import jax  # noqa: PLC0415 (this module is imported before jax, for `reexec`)
+  from jax._src import xla_bridge  # noqa: PLC0415 (no public way to ask whether the clients exist)
 
   choice = cpu_dispatch(environ)
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError('host_memory.run_programs_inline() was called after jax made its clients, which read the '
+                       'setting once: call it before anything asks jax about devices or runs a computation')
   jax.config.update('jax_cpu_enable_async_dispatch', choice == 'async')
   return choice

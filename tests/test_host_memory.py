@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
 from jft import host_memory
@@ -280,4 +281,10 @@ def test_the_command_line_exits_2_on_an_unknown_cpu_dispatch(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert "JFT_CPU_DISPATCH='sync'" in result.stderr and 'inline or async' in result.stderr
   assert not (tmp_path / 'run').exists()  # stopped before anything was written
+
+
+def test_inline_programs_asked_for_too_late_is_an_error():
+  jax.devices()  # this test process has made its clients
+  with pytest.raises(RuntimeError, match='before anything asks jax about devices'):
+    host_memory.run_programs_inline({})
 
