@@ -1,5 +1,6 @@
 """Where XLA's large host buffers come from: a retaining allocator (jemalloc) where the system has one, else glibc,
-on transparent huge pages where that helps. Set by re-executing the program once, before JAX is imported.
+on transparent huge pages where that helps. Set by re-executing the program once, before JAX is imported. And how
+many live at once: one step's, with CPU programs run inline (`run_programs_inline`, below).
 
 Why: XLA's CPU backend allocates the temporaries of each run of a compiled step as one buffer (1.6 GB for the
 MiniLM fine-tuning step at 32 x 128), from a worker thread. glibc serves an allocation that large with a fresh
