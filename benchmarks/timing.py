@@ -1,5 +1,9 @@
-"""Timing several steps against each other in one process: rounds of each in turn, so noise hits all alike."""
+"""Timing several steps against each other in one process (rounds of each in turn, so noise hits all alike), a whole
+program in another (`timed_run`: its wall time and peak memory), and naming the machine."""
 
+import contextlib
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -54,3 +58,24 @@ def machine() -> str:
     core = amd_core(numbers['cpu family'], numbers['model']) if vendor == 'AuthenticAMD' else None
     family = f" (family {numbers['cpu family']} model {numbers['model']}{', ' + core if core else ''})"
   return f'{model}{family}, {os.cpu_count()} cores, {isa}'
+
+
+def timed_run(command: list[str], **kwargs) -> tuple[float, str, float]:
+  """(wall seconds, stdout, peak resident memory in GB) of `command`, run to its end. The peak is the process's
+  own `VmHWM` (/proc/PID/status; it starts afresh at each exec), read every 0.1 s while it runs: `getrusage` would
+  count the pages of this process, which the child shares from the fork until its exec."""
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=out, stderr=err, **kwargs)
+    peak_kb = 0
+    while process.poll() is None:
+      with contextlib.suppress(OSError):  # ended between the poll and the read
+        with open(f'/proc/{process.pid}/status') as status:
+          peak_kb = max([peak_kb] + [int(line.split()[1]) for line in status if line.startswith('VmHWM:')])
+      time.sleep(0.1)
+    seconds = time.perf_counter() - start
+    out.seek(0)
+    err.seek(0)
+    if process.returncode:
+      raise RuntimeError(f'{command[:3]} failed ({process.returncode}):\n{err.read().decode()[-3000:]}')
+    return seconds, out.read().decode(), peak_kb * 1024 / 1e9

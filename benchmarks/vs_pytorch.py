@@ -57,7 +57,7 @@ import numpy as np
 from absl import app, flags
 from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup, forward_flops, matmul_peak_flops
 from ml_collections import config_flags
-from timing import machine
+from timing import machine, timed_run
 
 from jft import host_memory, model_files
 from jft import step as step_lib
@@ -201,27 +201,6 @@ def export_texts(config, path: str) -> None:
                                   'labels': [int(r['label']) for r in records]}
   with open(path, 'w') as f:
     json.dump(splits, f)
-
-
-def timed_run(command: list[str], **kwargs) -> tuple[float, str, float]:
-  """(wall seconds, stdout, peak resident memory in GB) of `command`, run to its end. The peak is the process's
-  own `VmHWM` (/proc/PID/status; it starts afresh at each exec), read every 0.1 s while it runs: `getrusage` would
-  count the pages of this process, which the child shares from the fork until its exec."""
-  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=out, stderr=err, **kwargs)
-    peak_kb = 0
-    while process.poll() is None:
-      with contextlib.suppress(OSError):  # ended between the poll and the read
-        with open(f'/proc/{process.pid}/status') as status:
-          peak_kb = max([peak_kb] + [int(line.split()[1]) for line in status if line.startswith('VmHWM:')])
-      time.sleep(0.1)
-    seconds = time.perf_counter() - start
-    out.seek(0)
-    err.seek(0)
-    if process.returncode:
-      raise RuntimeError(f'{command[:3]} failed ({process.returncode}):\n{err.read().decode()[-3000:]}')
-    return seconds, out.read().decode(), peak_kb * 1024 / 1e9
 
 
 def end_to_end(python: str) -> None:
