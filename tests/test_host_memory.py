@@ -218,13 +218,15 @@ def test_jemalloc_restart_keeps_the_process_and_the_memory(tmp_path):
   assert end['faults'] < 1_000, (end, plain)
 
 
-def test_the_command_line_exits_2_on_an_unknown_allocator(tmp_path):
+@pytest.mark.parametrize('variable, value, choices', [('JFT_ALLOCATOR', 'tcmalloc', 'jemalloc or glibc'),
+                                                      ('JFT_CPU_DISPATCH', 'sync', 'inline or async')])
+def test_the_command_line_exits_2_on_an_unknown_setting(tmp_path, variable, value, choices):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run([sys.executable, '-m', 'jft.main', '--config=configs/digits_cnn.py:quick',
                            f'--workdir={tmp_path / "run"}'], cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, 'JFT_ALLOCATOR': 'tcmalloc'})
+                          env={**os.environ, variable: value})
   assert result.returncode == 2, result.stderr[-2000:]
-  assert "JFT_ALLOCATOR='tcmalloc'" in result.stderr and 'jemalloc or glibc' in result.stderr
+  assert f"{variable}='{value}'" in result.stderr and choices in result.stderr
   assert not (tmp_path / 'run').exists()  # stopped before anything was written
 
 
@@ -271,16 +273,6 @@ def test_cpu_programs_run_inline_with_the_gil_released(environ, inline):
 def test_an_unknown_cpu_dispatch_is_an_error_that_names_the_choices():
   with pytest.raises(ValueError, match="JFT_CPU_DISPATCH='sync': use inline or async"):
     host_memory.cpu_dispatch({'JFT_CPU_DISPATCH': 'sync'})
-
-
-def test_the_command_line_exits_2_on_an_unknown_cpu_dispatch(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, '-m', 'jft.main', '--config=configs/digits_cnn.py:quick',
-                           f'--workdir={tmp_path / "run"}'], cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, 'JFT_CPU_DISPATCH': 'sync'})
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert "JFT_CPU_DISPATCH='sync'" in result.stderr and 'inline or async' in result.stderr
-  assert not (tmp_path / 'run').exists()  # stopped before anything was written
 
 
 def test_inline_programs_asked_for_too_late_is_an_error():
