@@ -1,5 +1,6 @@
 """Timing several steps against each other in one process (rounds of each in turn, so noise hits all alike), a whole
-program in another (`timed_run`: its wall time and peak memory), and naming the machine."""
+program in another (`timed_run`: its wall time and peak memory), whole programs in turns that cancel the machine's
+drift (`alternating_order`), and naming the machine."""
 
 import contextlib
 import subprocess
@@ -18,6 +19,17 @@ def interleaved_times(runs: dict[str, Callable[[], None]], steps: int, round_siz
         run()
         times[name].append(time.perf_counter() - start)
   return times
+
+
+def alternating_order(first: str, second: str, pairs: int) -> list[str]:
+  """The turns of two programs, `pairs` of them, each pair in the other order from the one before: first, second,
+  second, first, first, ... (an ABBA design). Where the machine's speed drifts steadily over the runs, an even number
+  of pairs adds the same drift to both programs' sums (a program run alone on these VMs can take 10% longer an hour
+  later: benchmarks/README.md)."""
+  order = []
+  for pair in range(pairs):
+    order += [first, second] if pair % 2 == 0 else [second, first]
+  return order
 
 
 def amd_core(family: int, model: int) -> str | None:

@@ -5,8 +5,8 @@ python benchmarks/vs_pytorch.py [--lengths=32,64,128] [--rounds=5] [--round_size
                                 [--torch_venv=~/.cache/jft/torch-venv] [--batch_size=32] [--model=minilm]
                                 [--matmul_precision=default|float32] [--dtype=float32|bfloat16]
                                 [--torch_allocator=system|jft]
-python benchmarks/vs_pytorch.py --mode=end_to_end [--torch_allocator=system|jft] [--config=configs/minilm_fortunes.py]
-                                [--dtype=float32|bfloat16] [--config.FIELD=VALUE]
+python benchmarks/vs_pytorch.py --mode=end_to_end [--pairs=1] [--torch_allocator=system|jft]
+                                [--config=configs/minilm_fortunes.py] [--dtype=float32|bfloat16] [--config.FIELD=VALUE]
 
 Both fine-tune the same classifier on the same batch of 32 token sequences: the pretrained MiniLM encoder,
 mean pooling, a new 8-way head, dropout on, AdamW with linear warmup/decay, clipping at global norm 1.0.
@@ -34,11 +34,14 @@ where the pretrained package is not installed.
 End to end: the wall time from launch to the final test metrics of `python -m jft.main --config=...` (a cold
 start: its compilation cache off) and of benchmarks/pytorch_fortunes.py, the same recipe in PyTorch on the same
 texts (exported from jft's fortunes8 builder beforehand, so neither pays for building the dataset), run one after
-the other; prints both times, their ratio, each one's peak resident memory, where each one's time went (setup,
-training, validation, checkpoints, test; for jft also its compilations, from the test record's `seconds`) and both
-test accuracies: of the weights the config's `test_on` picks for both (the main job's: those of the best validation
-accuracy), and, tested after the timed runs, of the other rule's (the last weights) too. With `--dtype=bfloat16`
-both run in bf16 mixed precision, as in the step mode. Runs of several seeds (`--config.seed=N`), kept as logs, are
+the other: `--pairs=N` runs each N times, taking turns jft, PyTorch, PyTorch, jft, jft, ... (these VMs can run a
+program 10% slower an hour later; with an even N a steady drift adds alike to both programs' sums, whose ratio is
+printed, with each pair's); prints the times, their ratio, each one's peak resident memory, where each one's time
+went (setup, training, validation, checkpoints, test; for jft also its compilations, from the test record's
+`seconds`) and both test accuracies: of the weights the config's `test_on` picks for both (the main job's: those of
+the best validation accuracy), and, tested after the timed runs, of the other rule's (the last weights) too (of the
+first run of each; a seed's runs test alike, and a note says where they do not). With `--dtype=bfloat16` both run in
+bf16 mixed precision, as in the step mode. Runs of several seeds (`--config.seed=N`), kept as logs, are
 summarised with error bars by benchmarks/end_to_end_seeds.py.
 """
 
@@ -57,9 +60,9 @@ import numpy as np
 from absl import app, flags
 from minilm_setup import NUM_CLASSES, OPTIM, MiniLMSetup, forward_flops, matmul_peak_flops
 from ml_collections import config_flags
-from timing import machine, timed_run
+from timing import alternating_order, machine, timed_run
 
-from jft import host_memory, model_files
+from jft import early_stopping, host_memory, model_files
 from jft import step as step_lib
 from jft.apply_fn import linen_apply_fn
 
@@ -78,6 +81,9 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
 _TORCH_ALLOCATOR = flags.DEFINE_enum(
     'torch_allocator', 'system', ['system', 'jft'],
     "PyTorch's host allocator: the system's (as PyTorch runs by default) or the setting jft restarts itself with")
+_PAIRS = flags.DEFINE_integer(
+    'pairs', 1, 'end to end: runs of each program, taking turns jft, PyTorch, PyTorch, jft, jft, ...; an even number '
+    "cancels a steady drift of the machine's speed in the ratio of the sums")
 _TORCH_VENV = flags.DEFINE_string('torch_venv', '~/.cache/jft/torch-venv',
                                   'virtual environment with torch and transformers; created if missing')
 TORCH_PACKAGES = ('torch==2.13.0', 'transformers', 'numpy')
@@ -206,6 +212,8 @@ def export_texts(config, path: str) -> None:
 def end_to_end(python: str) -> None:
   config = _CONFIG.value
   repo = pathlib.Path(__file__).resolve().parent.parent
+  order = alternating_order('jft', 'PyTorch', _PAIRS.value)
+  runs = {'jft': [], 'PyTorch': []}  # (wall s, peak GB, the test record) of each run, in order
   with tempfile.TemporaryDirectory() as tmp:
     if not config.data.data_dir:
       config.data.data_dir = os.path.join(tmp, 'tfds')
@@ -213,36 +221,53 @@ def end_to_end(python: str) -> None:
     export_texts(config, texts)
     config_arg = next((arg for arg in sys.argv[1:] if arg.startswith('--config=')), f'--config={DEFAULT_CONFIG}')
     overrides = [config_arg] + [arg for arg in sys.argv[1:] if arg.startswith('--config.')]
-    jft_command = [sys.executable, '-m', 'jft.main', *overrides, f'--workdir={tmp}/jft', '--compilation_cache=off',
+    jft_command = [sys.executable, '-m', 'jft.main', *overrides, '--compilation_cache=off',
                    f'--config.data.data_dir={config.data.data_dir}']
     if _DTYPE.value != 'float32':
       jft_command.append(f'--config.model.dtype={_DTYPE.value}')
-    print(f'machine: {machine()}; {host_memory_line()}\njft: {" ".join(jft_command[1:])}', flush=True)
-    jft_s, out, jft_gb = timed_run(jft_command, cwd=repo)
-    jft_test = json.loads(out.strip().splitlines()[-1])
-    with open(os.path.join(tmp, 'jft', 'metrics.jsonl')) as f:
-      jft_curve = [{'step': line['step'], 'validation_accuracy': line['accuracy']} for line in map(json.loads, f)
-                   if line['split'] == 'validation']
-    # The other rule's test (best validation checkpoint or last state), after the timed run: the same command
-    # with the other `test_on` tests the finished run again without training on.
-    other = 'last' if jft_test['test_on'] == 'best' else 'best'
-    _, out, _ = timed_run(jft_command + [f'--config.test_on={other}'], cwd=repo)
-    jft_tests = {jft_test['test_on']: jft_test, other: json.loads(out.strip().splitlines()[-1])}
-    jft_tests = {rule: {'step': test['tested_step'], 'accuracy': test['accuracy']} for rule, test in jft_tests.items()}
     torch_command = [python, str(WORKER.with_name('pytorch_fortunes.py')), f'--data={texts}',
                      f'--model_dir={model_files.pretrained_dir(config.init)}', f'--steps={config.total_steps}',
                      f'--warmup_steps={config.optim.warmup_steps}', f'--eval_every={config.eval_every}',
                      f'--lr={config.optim.lr}', f'--weight_decay={config.optim.weight_decay}',
-                     f'--seed={config.seed}', f'--max_len={config.data.max_len}', f'--test_on={jft_test["test_on"]}',
+                     f'--seed={config.seed}', f'--max_len={config.data.max_len}',
+                     f'--test_on={early_stopping.test_on(config)}',
                      *([f'--autocast={_DTYPE.value}'] if _DTYPE.value != 'float32' else [])]
-    print(f'PyTorch: {" ".join(torch_command[1:])}', flush=True)
-    torch_s, out, torch_gb = timed_run(torch_command, env=torch_environment())
-    torch_result = json.loads(out.strip().splitlines()[-1])
-    torch_s -= torch_result['seconds'].get('other_test', 0.0)  # the other rule's test, after its timed run
+    print(f'machine: {machine()}; {host_memory_line()}\njft: {" ".join(jft_command[1:])} --workdir=...\n'
+          f'PyTorch: {" ".join(torch_command[1:])}\norder: {", ".join(order)}', flush=True)
+    for turn, name in enumerate(order):
+      if name == 'jft':
+        workdir = os.path.join(tmp, f'jft_{len(runs["jft"])}')
+        seconds, out, peak_gb = timed_run(jft_command + [f'--workdir={workdir}'], cwd=repo)
+        runs['jft'].append((seconds, peak_gb, json.loads(out.strip().splitlines()[-1])))
+      else:
+        seconds, out, peak_gb = timed_run(torch_command, env=torch_environment())
+        result = json.loads(out.strip().splitlines()[-1])
+        seconds -= result['seconds'].get('other_test', 0.0)  # the other rule's test, after its timed run
+        runs['PyTorch'].append((seconds, peak_gb, result))
+      print(f'  turn {turn + 1}: {name} {seconds:.0f} s', flush=True)
+    jft_test, torch_result = runs['jft'][0][2], runs['PyTorch'][0][2]
+    jft_workdir = os.path.join(tmp, 'jft_0')
+    with open(os.path.join(jft_workdir, 'metrics.jsonl')) as f:
+      jft_curve = [{'step': line['step'], 'validation_accuracy': line['accuracy']} for line in map(json.loads, f)
+                   if line['split'] == 'validation']
+    # The other rule's test (best validation checkpoint or last state), after the timed runs: the same command
+    # with the other `test_on` tests the finished run again without training on.
+    other = 'last' if jft_test['test_on'] == 'best' else 'best'
+    _, out, _ = timed_run(jft_command + [f'--workdir={jft_workdir}', f'--config.test_on={other}'], cwd=repo)
+    jft_tests = {jft_test['test_on']: jft_test, other: json.loads(out.strip().splitlines()[-1])}
+    jft_tests = {rule: {'step': test['tested_step'], 'accuracy': test['accuracy']} for rule, test in jft_tests.items()}
+  test_accuracy = {'jft': lambda record: record['accuracy'], 'PyTorch': lambda record: record['test_accuracy']}
   print(f'\n{"":8s} {"wall s":>8s} {"test accuracy":>13s} {"peak memory GB":>14s}')
-  print(f'{"jft":8s} {jft_s:8.0f} {jft_test["accuracy"]:13.3f} {jft_gb:14.2f}')
-  print(f'{"PyTorch":8s} {torch_s:8.0f} {torch_result["test_accuracy"]:13.3f} {torch_gb:14.2f}')
-  print(f'jft / PyTorch wall time: {jft_s / torch_s:.2f}')
+  for name, program_runs in runs.items():
+    for seconds, peak_gb, record in program_runs:
+      print(f'{name:8s} {seconds:8.0f} {test_accuracy[name](record):13.3f} {peak_gb:14.2f}')
+  for name, program_runs in runs.items():
+    if len({test_accuracy[name](record) for _, _, record in program_runs}) > 1:
+      print(f'NOTE: {name} tested at different accuracies in its runs of the same seed (not deterministic)')
+  jft_s, torch_s = (statistics.mean(seconds for seconds, _, _ in runs[name]) for name in ('jft', 'PyTorch'))
+  per_pair = ' '.join(f'{a[0] / b[0]:.2f}' for a, b in zip(runs['jft'], runs['PyTorch'], strict=True))
+  print(f'jft / PyTorch wall time: {jft_s / torch_s:.2f}' + (f' (of the sums; pair by pair {per_pair})'
+                                                           if _PAIRS.value > 1 else ''))
   print(f'both tested on the {jft_test["test_on"]} weights (config.test_on); by each rule, test accuracy (step):')
   for rule in ('best', 'last'):
     theirs = torch_result['tests'][rule]
@@ -251,17 +276,21 @@ def end_to_end(python: str) -> None:
   phases = ('setup', 'train', 'validation', 'checkpoint', 'test', 'compile')
   print(f'where the wall time went (s; compile: jft making its programs, inside the other phases):\n'
         f'{"":8s} ' + ' '.join(f'{name:>10s}' for name in phases))
-  for name, seconds in (('jft', jft_test.get('seconds', {})), ('PyTorch', torch_result.get('seconds', {}))):
-    cells = (f'{seconds[phase]:10.1f}' if phase in seconds else f'{"-":>10s}' for phase in phases)
-    print(f'{name:8s} ' + ' '.join(cells))
+  for name, program_runs in runs.items():
+    for _, _, record in program_runs:
+      seconds = record.get('seconds', {})
+      cells = (f'{seconds[phase]:10.1f}' if phase in seconds else f'{"-":>10s}' for phase in phases)
+      print(f'{name:8s} ' + ' '.join(cells))
   print('validation accuracy by step:')
   for ours, theirs in zip(jft_curve, torch_result['validation'], strict=False):
     print(f'  {ours["step"]:5d}  jft {ours["validation_accuracy"]:.3f}  PyTorch {theirs["validation_accuracy"]:.3f}')
   print(json.dumps({'machine': machine(), 'host_memory': host_memory_line(), 'seed': config.seed,
-                    'dtype': _DTYPE.value, 'jft_s': jft_s, 'torch_s': torch_s, 'jft_peak_gb': jft_gb,
-                    'torch_peak_gb': torch_gb, 'jft_test': jft_test,
-                    'jft_tests': jft_tests,
-                    'jft_validation': jft_curve, 'torch': torch_result}))
+                    'dtype': _DTYPE.value, 'jft_s': jft_s, 'torch_s': torch_s, 'order': order,
+                    'jft_runs_s': [seconds for seconds, _, _ in runs['jft']],
+                    'torch_runs_s': [seconds for seconds, _, _ in runs['PyTorch']],
+                    'jft_peak_gb': max(peak for _, peak, _ in runs['jft']),
+                    'torch_peak_gb': max(peak for _, peak, _ in runs['PyTorch']), 'jft_test': jft_test,
+                    'jft_tests': jft_tests, 'jft_validation': jft_curve, 'torch': torch_result}))
 
 
 def main(_):

@@ -1,6 +1,6 @@
 """benchmarks/timing.py's `timed_run` (vs_pytorch.py's end-to-end runner): each program's wall time, output and own
-peak memory, and a failing program reported with its error. (vs_pytorch.py itself defines command-line flags, so
-it is not imported here.)"""
+peak memory, and a failing program reported with its error; the order of the runner's turns. (vs_pytorch.py itself
+defines command-line flags, so it is not imported here.)"""
 
 import os
 import sys
@@ -29,3 +29,12 @@ def test_timed_run_gives_the_output_and_the_programs_own_peak_memory():
 def test_timed_run_reports_a_failing_program_with_its_error():
   with pytest.raises(RuntimeError, match=r'failed \(3\):\n.*what went wrong'):
     timing.timed_run([sys.executable, '-c', 'import sys; print("what went wrong", file=sys.stderr); sys.exit(3)'])
+
+
+def test_alternating_order_cancels_a_steady_drift_over_an_even_number_of_pairs():
+  assert timing.alternating_order('jft', 'PyTorch', 1) == ['jft', 'PyTorch']
+  order = timing.alternating_order('jft', 'PyTorch', 4)
+  assert order == ['jft', 'PyTorch', 'PyTorch', 'jft'] * 2
+  # A run's time grows by one unit per turn: both programs' sums take the same drift.
+  drift = {name: sum(turn for turn, each in enumerate(order) if each == name) for name in ('jft', 'PyTorch')}
+  assert drift['jft'] == drift['PyTorch']
