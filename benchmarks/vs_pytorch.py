@@ -83,7 +83,7 @@ _TORCH_ALLOCATOR = flags.DEFINE_enum(
     "PyTorch's host allocator: the system's (as PyTorch runs by default) or the setting jft restarts itself with")
 _PAIRS = flags.DEFINE_integer(
     'pairs', 1, 'end to end: runs of each program, taking turns jft, PyTorch, PyTorch, jft, jft, ...; an even number '
-    "cancels a steady drift of the machine's speed in the ratio of the sums")
+    "cancels a steady drift of the machine's speed in the ratio of the sums", lower_bound=1)
 _TORCH_VENV = flags.DEFINE_string('torch_venv', '~/.cache/jft/torch-venv',
                                   'virtual environment with torch and transformers; created if missing')
 TORCH_PACKAGES = ('torch==2.13.0', 'transformers', 'numpy')
