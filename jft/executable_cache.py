@@ -15,7 +15,8 @@ everything the program is built from:
     and the model module with all its hyperparameters, e.g. a Hugging Face config.json's);
   - the arguments' tree structure, shapes, dtypes and shardings.
 So anything that changes the traced program changes the key; the entry is then simply not found, the step is
-traced and compiled (jax's cache still answering where the HLO is unchanged) and stored under the new key. A
+traced and compiled (jax's cache still answering where the HLO is unchanged, as after an edit that leaves the
+programs alone) and stored under the new key. A
 function that closes over anything else (e.g. arrays that are neither arguments nor config) must not be cached
 here, or must put it in `parts`. Once a source file changes under a running process (an edit, with or without a
 reload), that process neither loads nor keeps programs: the code it runs may be the old or the new.
@@ -25,8 +26,9 @@ before the arguments that pick it exist: jft's train loop does so for a fresh ru
 its data.
 
 `python -m jft.main --compilation_cache=DIR` keeps these entries in DIR/jft_executables (`off` turns both caches
-off); the directory is capped at `MAX_BYTES`, least recently used entries going first. Only programs compiled in
-the process are kept, not those jax's cache answered (XLA writes a loaded executable without its kernels). Single-
+off); the directory is capped at `MAX_BYTES`, least recently used entries going first. A program jax's cache
+answered is kept with the executable jax's cache read (XLA would write the loaded copy without its kernels; jax
+has no API for those bytes: `_note_jax_cache_reads`); where they are not to be had it is not kept. Single-
 process runs only: a multi-process run's programs are tied to its cluster, and are left to jax's cache. An
 unreadable entry (a disk error, a crash while writing, another jaxlib) is reported, deleted and compiled again,
 never a failure. Entries are pickles of executables, as jax's own cache holds: like it, a cache directory must
@@ -38,6 +40,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import io
 import os
 import pathlib
 import pickle
@@ -53,6 +56,7 @@ import jax
 import jax.monitoring
 import numpy as np
 from absl import logging
+from jax._src.lib import xla_client  # the type of a loaded executable, for _PicklerWritingExecutable
 from jax.experimental import serialize_executable
 
 SUBDIRECTORY = 'jft_executables'
@@ -88,6 +92,7 @@ def enable(directory: str | os.PathLike | None) -> None:
   _directory = None if directory is None else pathlib.Path(directory)
   if not _listening:
     jax.monitoring.register_event_listener(_note_jax_cache_hit)
+    _note_jax_cache_reads()
     _listening = True
 
 
@@ -95,6 +100,28 @@ def _note_jax_cache_hit(event: str, **_) -> None:
   # jax records the event in the thread that compiles, while it compiles.
   if event == '/jax/compilation_cache/cache_hits':
     _compiling.loaded_from_jax_cache = True
+
+
+def _note_jax_cache_reads() -> None:
+  """Has jax's persistent cache leave the executable it reads (XLA's serialized form, with its kernels) in
+  `_compiling.jax_cache_executable`, in the thread that compiles: what a program jax's cache answered is kept as
+  (`_compile_and_store`). jax has no API for it: this wraps the function of jax 0.10's `compilation_cache` module
+  that splits a cache entry into that executable and its compile time; where jax has no such function, such
+  programs are simply not kept."""
+  from jax._src import compilation_cache as jax_compilation_cache
+
+  split = getattr(jax_compilation_cache, 'extract_executable_and_time', None)
+  if split is None or getattr(split, 'notes_for_jft', False):
+    return
+
+  @functools.wraps(split)
+  def split_and_note(executable_and_time: bytes) -> tuple[bytes, int]:
+    executable, compile_time = split(executable_and_time)
+    _compiling.jax_cache_executable = executable
+    return executable, compile_time
+
+  split_and_note.notes_for_jft = True
+  jax_compilation_cache.extract_executable_and_time = split_and_note
 
 
 def directory() -> pathlib.Path | None:
@@ -212,16 +239,17 @@ class Executables:
     return program
 
   def _compile_and_store(self, signature: tuple, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-    _compiling.loaded_from_jax_cache = False
+    _compiling.loaded_from_jax_cache, _compiling.jax_cache_executable = False, None
     program = lowered.compile()
     _counts['misses'] += 1
-    if _compiling.loaded_from_jax_cache:
-      # XLA serialises an executable it loaded without its compiled kernels (jaxlib 0.10.2, CPU: the copy fails
-      # with "Function ... not found" when run): only a program compiled here is kept.
-      logging.info('jft: %s came from jax\'s compilation cache; kept once it is compiled', self.jitted)
+    # XLA serialises an executable it loaded without its compiled kernels (jaxlib 0.10.2, CPU: the copy fails
+    # with "Function ... not found" when run), so a program jax's cache answered is kept as jax's cache holds it.
+    executable = _compiling.jax_cache_executable if _compiling.loaded_from_jax_cache else None
+    if _compiling.loaded_from_jax_cache and executable is None:
+      logging.info('jft: %s came from jax\'s compilation cache, which did not say what it read: not kept', self.jitted)
       return program
     try:
-      serialized, in_tree, out_tree = serialize_executable.serialize(program)
+      serialized, in_tree, out_tree = _serialize(program, executable)
       entry = zlib.compress(pickle.dumps((serialized, in_tree, out_tree), pickle.HIGHEST_PROTOCOL), 1)
     except Exception as e:  # noqa: BLE001 (a program jax cannot serialize still runs; it is just not kept)
       logging.info('jft: not keeping the compiled program of %s (%s: %s)', self.jitted, type(e).__name__, e)
@@ -232,6 +260,32 @@ class Executables:
     except OSError as e:
       logging.warning('jft: could not keep the compiled program in %s: %s', self.directory, e)
     return program
+
+
+def _serialize(program: jax.stages.Compiled, executable: bytes | None = None) -> tuple[bytes, Any, Any]:
+  """`serialize_executable.serialize(program)`: (bytes, in_tree, out_tree) for `deserialize_and_load`; with XLA's
+  serialized `executable` (where given) written for the program's own. The second is `serialize`'s own steps (jax
+  0.10) with a pickler that writes those bytes: the entry a program compiled here would make."""
+  if executable is None:
+    return serialize_executable.serialize(program)
+  unloaded = getattr(program._executable, '_unloaded_executable', None)
+  if unloaded is None or getattr(getattr(unloaded, 'mut', None), 'in_mut', None) or program._params.const_args:
+    raise ValueError('jax cannot serialize this program')
+  args_info, in_tree = jax.tree.flatten(program.args_info)
+  with io.BytesIO() as file:
+    _PicklerWritingExecutable(file, executable).dump((unloaded, args_info, program._no_kwargs))
+    return file.getvalue(), in_tree, program.out_tree
+
+
+class _PicklerWritingExecutable(serialize_executable._JaxPjrtPickler):
+  """jax's pickler of executables, writing XLA's serialized `executable` for the loaded executable it meets."""
+
+  def __init__(self, file, executable: bytes):
+    super().__init__(file)
+    self.executable = executable
+
+  def persistent_id(self, obj):
+    return ('exec', self.executable) if isinstance(obj, xla_client.LoadedExecutable) else super().persistent_id(obj)
 
 
 def run_on_thread(function: Callable, *args: Any) -> concurrent.futures.Future:
