@@ -114,13 +114,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stopper = early_stopping.from_config(config)
   train_batches = data.train_iterator(config.data, config.batch_size, config.seed, **process)
 
-  def restore(step: int):
-    """(the stage runner from `step` on, (state, data state) of checkpoint `step`), the state on this run's mesh
-    in the layout of the stage that saved it."""
-    runner = stages_lib.StageRunner(stages, compile_stage, step)
-    target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
-    return runner, checkpoints.restore(step, target)
-
   def on_mesh(local_batch):
     """A host's batch as the step sees it: on the mesh, with what the hooks add (e.g. a teacher's logits)."""
     batch = sharding.put_batch(local_batch, mesh)
@@ -128,10 +121,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = hook.on_batch(batch)
     return batch
 
+  def restore(step: int):
+    """(the stage runner from `step` on, (state, data state) of checkpoint `step`, the program of the step after
+    it being made), the state on this run's mesh in the layout of the stage that saved it."""
+    runner = stages_lib.StageRunner(stages, compile_stage, step)
+    target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
+    making = None
+    # The next step's program loads (or compiles) on a thread while the checkpoint is read: where that step is the
+    # checkpoint's stage's (a run's end, or a new stage's first step, which makes its own, are not).
+    if backend == 'jit' and step < runner.current.stage.last_step:
+      unread = train_batches.get_state()
+      probe = on_mesh(next(train_batches))  # the batches' structure, read and then unread
+      train_batches.set_state(unread)
+      lengths = data.batch_lengths(config.data, config.batch_size, config.seed, [step])  # step + 1 reads `step`
+      batch = probe if lengths is None else compile_ahead.at_length(probe, lengths[0])
+      making = step_lib.compile_in_background(runner.current.train_step, target, batch)
+    return runner, checkpoints.restore(step, target), making
+
   resume_step, restored, first_batch = None, None, None
   for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
     try:
-      runner, restored = restore(step)
+      runner, restored, compiling = restore(step)
       progress, resume_step = checkpoints.progress(step), step
       break
     except DamagedCheckpoint as e:
@@ -154,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state, data_state = restored
     train_batches.set_state(data_state)
+    if compiling is not None:
+      compiling.result()  # raises its error, if any
     best.load(progress.get('best'))
     if stopper is not None:
       stopper.load(progress.get('early_stopping'))

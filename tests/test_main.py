@@ -161,20 +161,30 @@ def test_minilm_fine_tunes_on_fortunes8_making_its_second_length_ahead(data_dir,
   assert lowered[1] == compiled[1] and lowered[0] not in (lowered[1], *compiled)
 
 
-def test_the_train_step_compiles_once_ahead_of_the_state_and_the_loop_runs_it(data_dir, tmp_path, monkeypatch):
-  # A fresh run compiles its first step on a thread while it initialises the state (jft/step.py,
-  # compile_in_background); the loop must then run that program, not compile it again (:quick has one batch shape).
+def test_the_train_step_compiles_once_ahead_of_the_state_or_the_restore_and_the_loop_runs_it(data_dir, tmp_path,
+                                                                                              monkeypatch):
+  # A fresh run compiles its first step on a thread while it initialises the state, a resumed run the step after
+  # its checkpoint while it reads the checkpoint (jft/step.py, compile_in_background); the loop must then run that
+  # program, not compile it again (:quick has one batch shape).
   monkeypatch.setenv('JAX_LOG_COMPILES', '1')
-  result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path}', '--compilation_cache=off',
-                    data_dir=data_dir)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stderr.splitlines()
-  lowered = [line for line in lines if 'Compiling jit(train_step)' in line]
-  compiled = [line for line in lines if 'Finished XLA compilation of jit(train_step)' in line]
-  assert len(lowered) == 1 and len(compiled) == 1, (lowered, compiled)
-  thread_id = lambda line: line.split()[2]  # absl's prefix: level+date, time, thread id, file:line]
-  assert thread_id(compiled[0]) != thread_id(lowered[0])  # lowered on the main thread, compiled on another
-  assert max(line['step'] for line in read_metrics(tmp_path) if line['split'] == 'train') == 30
+  last_losses = []
+  for run in ('fresh', 'resumed'):
+    if run == 'resumed':  # as if stopped after the checkpoint of step 15 (of 30)
+      shutil.rmtree(tmp_path / 'checkpoints' / '30')
+    result = run_main('--config=configs/digits_cnn.py:quick', f'--workdir={tmp_path}', '--compilation_cache=off',
+                      data_dir=data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ('15/30 [00:00<?, ?step/s]' in result.stderr) == (run == 'resumed')  # the bar starts where it resumed
+    lines = result.stderr.splitlines()
+    lowered = [line for line in lines if 'Compiling jit(train_step)' in line]
+    compiled = [line for line in lines if 'Finished XLA compilation of jit(train_step)' in line]
+    assert len(lowered) == 1 and len(compiled) == 1, (run, lowered, compiled)
+    thread_id = lambda line: line.split()[2]  # absl's prefix: level+date, time, thread id, file:line]
+    assert thread_id(compiled[0]) != thread_id(lowered[0])  # lowered on the main thread, compiled on another
+    train = [line for line in read_metrics(tmp_path) if line['split'] == 'train']
+    assert train[-1]['step'] == 30
+    last_losses.append(train[-1]['loss'])
+  assert last_losses[0] == last_losses[1]  # the batches read ahead for the program's shapes were read again
 
 
 PROGRAMS = ('train_step', 'eval_step', '_fingerprints')  # what a run traces: jft/executable_cache.py keeps them
