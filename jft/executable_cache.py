@@ -16,10 +16,10 @@ everything the program is built from:
   - the arguments' tree structure, shapes, dtypes and shardings.
 So anything that changes the traced program changes the key; the entry is then simply not found, the step is
 traced and compiled (jax's cache still answering where the HLO is unchanged, as after an edit that leaves the
-programs alone) and stored under the new key. A
-function that closes over anything else (e.g. arrays that are neither arguments nor config) must not be cached
-here, or must put it in `parts`. Once a source file changes under a running process (an edit, with or without a
-reload), that process neither loads nor keeps programs: the code it runs may be the old or the new.
+programs alone) and stored under the new key. A function that closes over anything else (e.g. arrays that are
+neither arguments nor config) must not be cached here, or must put it in `parts`. Once a source file changes
+under a running process (an edit, with or without a reload), that process neither loads nor keeps programs: the
+code it runs may be the old or the new.
 
 Each function also remembers the program it ran first (`FIRST`), which `prefetch` starts loading on a thread
 before the arguments that pick it exist: jft's train loop does so for a fresh run's first step before it reads

@@ -121,15 +121,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = hook.on_batch(batch)
     return batch
 
-  def restore(step: int):
+  def restore(step: int, resuming: bool = False):
     """(the stage runner from `step` on, (state, data state) of checkpoint `step`, the program of the step after
-    it being made), the state on this run's mesh in the layout of the stage that saved it."""
+    it being made where `resuming`, else None), the state on this run's mesh in the layout of the stage that saved
+    it."""
     runner = stages_lib.StageRunner(stages, compile_stage, step)
     target = sharding.abstract(abstract_state(runner.current.tx), runner.current.state_sharding)
     making = None
-    # The next step's program loads (or compiles) on a thread while the checkpoint is read: where that step is the
-    # checkpoint's stage's (a run's end, or a new stage's first step, which makes its own, are not).
-    if backend == 'jit' and step < runner.current.stage.last_step:
+    # While the checkpoint is read, the next step's program loads (or compiles) on a thread; not where that step
+    # lies past the run's end or opens a new stage (whose first step makes its own).
+    if resuming and backend == 'jit' and step < runner.current.stage.last_step:
       unread = train_batches.get_state()
       probe = on_mesh(next(train_batches))  # the batches' structure, read and then unread
       train_batches.set_state(unread)
@@ -141,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   resume_step, restored, first_batch = None, None, None
   for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
     try:
-      runner, restored, compiling = restore(step)
+      runner, restored, compiling = restore(step, resuming=True)
       progress, resume_step = checkpoints.progress(step), step
       break
     except DamagedCheckpoint as e:
