@@ -6,7 +6,7 @@ compiled steps from disk instead of compiling them again (benchmarks/startup.py 
 Entries are keyed by the program, the jax/XLA versions, the flags and the devices, so a stale entry is never
 used; the directory is capped at `MAX_BYTES`, least recently used entries going first. A local cache directory
 also keeps jft's compiled steps whole (jft/executable_cache.py, in DIR/jft_executables), which a warm start loads
-without tracing them.
+without tracing them, and the text datasets' tokenized splits (jft/data/token_cache.py, in DIR/jft_tokenized).
 """
 
 import collections
@@ -51,9 +51,11 @@ def enable(directory: str | None = None) -> str | None:
     jax.config.update('jax_compilation_cache_dir', configured)
     jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
-  if '://' not in configured:  # the executables are kept on a local disk only
+  if '://' not in configured:  # the executables and tokenized splits are kept on a local disk only
     from jft import executable_cache
+    from jft.data import token_cache
     executable_cache.enable(os.path.join(configured, executable_cache.SUBDIRECTORY))
+    token_cache.enable(os.path.join(configured, token_cache.SUBDIRECTORY))
   global _listening
   if not _listening:
     jax.monitoring.register_event_listener(_count)

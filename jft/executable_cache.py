@@ -59,6 +59,8 @@ from absl import logging
 from jax._src.lib import xla_client  # the type of a loaded executable, for _PicklerWritingExecutable
 from jax.experimental import serialize_executable
 
+from jft import cache_files
+
 SUBDIRECTORY = 'jft_executables'
 SUFFIX = '.executable'
 FIRST = '.first'  # beside an Executables' entries: the name of the one it ran first
@@ -207,7 +209,7 @@ class Executables:
       with contextlib.suppress(OSError):
         first, name = self.directory / (self.key.hexdigest() + FIRST), self.path(signature).name
         if not first.exists() or first.read_text() != name:
-          _write_atomically(first, name.encode())
+          cache_files.write_atomically(first, name.encode())
     self.programs[signature] = program
 
   def path(self, signature: tuple) -> pathlib.Path:
@@ -232,8 +234,7 @@ class Executables:
       with contextlib.suppress(OSError):  # e.g. a cache on a read-only disk
         path.unlink(missing_ok=True)
       return None
-    with contextlib.suppress(OSError):
-      os.utime(path)  # recently used: the last to go when the directory is over MAX_BYTES
+    cache_files.mark_used(path)
     _counts['hits'] += 1
     _counts['prefetched'] += prefetched is not None
     return program
@@ -255,8 +256,8 @@ class Executables:
       logging.info('jft: not keeping the compiled program of %s (%s: %s)', self.jitted, type(e).__name__, e)
       return program
     try:
-      _write_atomically(self.path(signature), entry)
-      _evict(self.directory, MAX_BYTES)
+      cache_files.write_atomically(self.path(signature), entry)
+      cache_files.evict(self.directory, SUFFIX, MAX_BYTES)
     except OSError as e:
       logging.warning('jft: could not keep the compiled program in %s: %s', self.directory, e)
     return program
@@ -368,28 +369,3 @@ def _devices(sharding: jax.sharding.Sharding | None) -> tuple[int, ...]:
     return ()
   mesh = getattr(sharding, 'mesh', None)
   return tuple(mesh.device_ids.flat) if mesh is not None else tuple(sorted(d.id for d in sharding.device_set))
-
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  """Writes `path` whole or not at all (a reader never sees half an entry)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f'.{path.name}.{os.getpid()}.{threading.get_ident()}')
-  partial.write_bytes(data)
-  os.replace(partial, path)
-
-
-def _evict(directory: pathlib.Path, max_bytes: int) -> None:
-  """Deletes the least recently used entries until the directory holds at most `max_bytes`."""
-  entries = []
-  for path in directory.glob(f'*{SUFFIX}'):
-    try:
-      stat = path.stat()
-    except FileNotFoundError:  # another process evicted it
-      continue
-    entries.append((stat.st_mtime, stat.st_size, path))
-  total = sum(size for _, size, _ in entries)
-  for _, size, path in sorted(entries):
-    if total <= max_bytes:
-      break
-    path.unlink(missing_ok=True)
-    total -= size

@@ -24,8 +24,9 @@ from jft.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/NAME.py[:ARG]', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'work directory: config.json, metrics.jsonl, checkpoints/')
 _COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache', None, f'where compiled steps are kept between runs (default $JFT_COMPILATION_CACHE, '
-    f'else {compilation_cache.DEFAULT_DIR}); {compilation_cache.OFF!r}: compile every time')
+    'compilation_cache', None, 'where compiled steps (and tokenized text splits) are kept between runs (default '
+    f'$JFT_COMPILATION_CACHE, else {compilation_cache.DEFAULT_DIR}); {compilation_cache.OFF!r}: compile (and '
+    'tokenize) every time')
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft import executable_cache, sharding
+from jft import cache_files, executable_cache, sharding
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_the_least_recently_used_entries_go_first(tmp_path):
     path = tmp_path / f'{name}{executable_cache.SUFFIX}'
     path.write_bytes(b'x' * 100)
     os.utime(path, (1000 + age, 1000 + age))
-  executable_cache._evict(tmp_path, 250)
+  cache_files.evict(tmp_path, executable_cache.SUFFIX, 250)
   kept = sorted(path.name for path in tmp_path.iterdir())
   assert kept == [f'{name}{executable_cache.SUFFIX}' for name in ('middle', 'new')]
 
@@ -187,8 +187,8 @@ def test_a_cache_that_cannot_be_written_still_loads_and_runs(cache_dir, monkeypa
   def refuse(*_, **__):
     raise PermissionError('read-only file system')
 
-  monkeypatch.setattr(executable_cache.os, 'utime', refuse)
-  monkeypatch.setattr(executable_cache, '_write_atomically', refuse)
+  monkeypatch.setattr(cache_files.os, 'utime', refuse)
+  monkeypatch.setattr(cache_files, 'write_atomically', refuse)
   before = executable_cache.counts()
   with caplog.at_level(logging.WARNING):
     loaded = executable_cache.cached(make_update()[0], 'update')(fresh_state(), x)

@@ -10,9 +10,11 @@ to its bucket costs the fewest tokens. Every bucket is one more shape of the ste
 """
 
 import functools
+import hashlib
 import itertools
 import json
 import os
+import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
 import grain
@@ -22,7 +24,7 @@ import tokenizers
 from absl import logging
 
 from jft import model_files
-from jft.data import builders
+from jft.data import builders, token_cache
 from jft.errors import UserError
 
 MAX_POSITIONS = 512  # The position embeddings of BERT-family encoders such as minilm.
@@ -115,10 +117,14 @@ def tokenize(texts: Sequence[str], tokenizer: str, max_len: int) -> tuple[np.nda
 UNLABELED = -1  # The label of a training text that only a teacher labels.
 
 
-def _read_texts(data_config: ml_collections.ConfigDict, name: str, split: str,
-                classes: Sequence[str] | None) -> tuple[list[str], np.ndarray]:
-  """(texts, labels) of `split` of dataset `name`, in the source's order."""
-  source = builders.data_source(name, split, data_config.data_dir, classes)
+@functools.cache
+def _source_digest() -> str:
+  """This module's source, hashed: part of a token cache entry's key (an edit to the pipeline makes new ones)."""
+  return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
+
+
+def _read_texts(source: Sequence[dict], name: str, split: str) -> tuple[list[str], np.ndarray]:
+  """(texts, labels) of `source`, split `split` of dataset `name`, in the source's order."""
   examples = source.__getitems__(list(range(len(source))))
   if not examples:
     raise UserError(f'split {split!r} of dataset {name!r} has no examples: choose another split.')
@@ -126,19 +132,32 @@ def _read_texts(data_config: ml_collections.ConfigDict, name: str, split: str,
 
 
 class _TokenizedSplit:
-  """A whole split, tokenized: ids [N, max_len], lengths [N], labels [N] (-1: unlabeled)."""
+  """A whole split, tokenized: ids [N, max_len], lengths [N], labels [N] (-1: unlabeled); read from the token cache
+  of an earlier run where there is one (jft/data/token_cache.py)."""
 
   def __init__(self, data_config: ml_collections.ConfigDict, split: str, with_unlabeled: bool = False):
     check_config(data_config)
-    texts, self.labels_N = _read_texts(data_config, data_config.name, split, data_config.get('classes'))
+    read = [(data_config.name, split, data_config.get('classes'))]  # (dataset, split, classes)
     unlabeled = data_config.get('unlabeled')
     if with_unlabeled and unlabeled and unlabeled.name:
-      extra, _ = _read_texts(data_config, unlabeled.name, unlabeled.split, unlabeled.get('classes'))
-      labelled = set(texts)
-      extra = [text for text in extra if text not in labelled]  # a labelled text keeps its label
-      texts = texts + extra
-      self.labels_N = np.concatenate([self.labels_N, np.full(len(extra), UNLABELED, np.int32)])
-    self.ids_NxL, self.lengths_N = tokenize(texts, data_config.tokenizer, data_config.max_len)
+      read.append((unlabeled.name, unlabeled.split, unlabeled.get('classes')))
+    sources = [builders.data_source(name, split_name, data_config.data_dir, classes)
+               for name, split_name, classes in read]
+    tokenizer = tokenizer_file(data_config.tokenizer)
+
+    def read_and_tokenize():
+      texts, labels_N = _read_texts(sources[0], *read[0][:2])
+      if len(sources) > 1:
+        extra, _ = _read_texts(sources[1], *read[1][:2])
+        labelled = set(texts)
+        extra = [text for text in extra if text not in labelled]  # a labelled text keeps its label
+        texts = texts + extra
+        labels_N = np.concatenate([labels_N, np.full(len(extra), UNLABELED, np.int32)])
+      return *tokenize(texts, data_config.tokenizer, data_config.max_len), labels_N
+
+    self.ids_NxL, self.lengths_N, self.labels_N = token_cache.tokenized(
+        read_and_tokenize, [source.dataset_info.data_dir for source in sources], tokenizer, read=read,
+        max_len=data_config.max_len, code=_source_digest())
 
   def padded_length(self, indices_B: np.ndarray, buckets: Sequence[int]) -> int:
     """The length the global batch of examples `indices_B` pads to: the bucket of its longest example."""
