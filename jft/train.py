@@ -70,6 +70,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       data.data_source(config.data.name, config.data.train_split, config.data.data_dir, config.data.get('classes'))
     multihost_utils.sync_global_devices('jft: data prepared')
   model = components.build_model(config, **process)
+  # What the steps are built from besides the code and their arguments: the key of the compiled steps a repeated
+  # run loads without tracing them (jft/executable_cache.py).
+  built_from = (config.to_json(sort_keys=True), repr(model.module))
+  step_name = lambda stage_index: f'train_step {stage_index}'
+  checkpoint_dir = workdir / 'checkpoints'
+  if not (checkpoint_dir.exists() and any(checkpoint_dir.iterdir())):
+    # A fresh run: its first step's program (as the last such run ran it) loads on a thread from here on, while
+    # the model is traced for its shapes, the data read and the state made.
+    executable_cache.prefetch(step_name(0), *built_from)
   apply_fn = model.apply_fn
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   # The model's initialisation traced once for its shapes: every stage's state shapes follow from these.
@@ -84,10 +93,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if teacher is not None:
     loss_fn = distill.make_loss(config.distill.weight, config.distill.temperature)
 
-  # What the steps are built from besides the code and their arguments: the key of the compiled steps a repeated
-  # run loads without tracing them (jft/executable_cache.py).
-  built_from = (config.to_json(sort_keys=True), repr(model.module))
-  step_name = lambda stage: f'train_step {stage.index}'
   make_state = lambda params, model_state, tx: create_train_state(params, model_state, tx, train_rng)
   abstract_state = lambda tx: jax.eval_shape(lambda variables: make_state(*variables, tx), abstract_variables)
 
@@ -101,12 +106,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return stages_lib.CompiledStage(stage, tx, state_sharding, pmap_backend.pmap_train_step(train_step, mesh))
     train_step = step_lib.jit_train_step(step_lib.make_train_step(apply_fn, tx, stage.labels.trainable, loss_fn), mesh,
                                          state_sharding)
-    train_step = executable_cache.cached(train_step, step_name(stage), *built_from)
+    train_step = executable_cache.cached(train_step, step_name(stage.index), *built_from)
     return stages_lib.CompiledStage(stage, tx, state_sharding, train_step)
 
-  checkpoints = Checkpoints(workdir / 'checkpoints', **config.checkpoint)
-  if not checkpoints.all_steps():  # a fresh run: its first step's program (as the last one ran it) loads meanwhile
-    executable_cache.prefetch(step_name(stages[0]), *built_from)
+  checkpoints = Checkpoints(checkpoint_dir, **config.checkpoint)
   # The best validation result so far (a new best is always saved, for the test of config.test_on='best'), and
   # early stopping: both resume from the checkpoint's progress record.
   test_on = early_stopping.test_on(config)
