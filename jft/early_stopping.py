@@ -68,6 +68,10 @@ class EarlyStopping(Best):
   def stop(self) -> bool:
     return self.evals_since >= self.patience
 
+  def stopped(self, saved: dict[str, Any] | None) -> bool:
+    """Whether the run that saved the record `saved` (`to_json()`; None or {}: none) had stopped."""
+    return bool(saved) and saved['evals_since'] >= self.patience
+
 
 def from_config(config: ml_collections.ConfigDict) -> EarlyStopping | None:
   """The early stopping of `config.early_stopping`; None when it is absent or its patience is None."""

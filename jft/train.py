@@ -145,8 +145,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   resume_step, restored, first_batch = None, None, None
   for step in reversed(checkpoints.all_steps()):  # the newest readable checkpoint; damaged ones are set aside
     try:
-      runner, restored, compiling = restore(step, resuming=True)
-      progress, resume_step = checkpoints.progress(step), step
+      progress = checkpoints.progress(step)
+      # A run that stopped early trains no further step: none is made ahead for it.
+      trains_on = stopper is None or not stopper.stopped(progress.get('early_stopping'))
+      runner, restored, compiling = restore(step, resuming=trains_on)
+      resume_step = step
       break
     except DamagedCheckpoint as e:
       moved = checkpoints.set_aside(step)

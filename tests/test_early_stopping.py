@@ -54,6 +54,9 @@ def test_the_record_resumes_where_it_was():
   assert (resumed.value, resumed.step, resumed.evals_since) == (0.7, 20, 1)
   assert not resumed.update(40, {'accuracy': 0.65}) and not resumed.stop
   assert not resumed.update(50, {'accuracy': 0.65}) and resumed.stop
+  # What a rerun reads off a checkpoint's record before it restores it: had that run stopped?
+  assert resumed.stopped(resumed.to_json()) and not resumed.stopped(stopper.to_json())
+  assert not resumed.stopped(None) and not resumed.stopped({})
 
 
 def test_a_metric_the_evaluation_lacks_or_a_bad_mode_is_a_user_error():
@@ -75,7 +78,7 @@ def best_validation_steps(workdir):
   return [line['step'] for line in validation if line['accuracy'] == best]
 
 
-def test_a_run_stops_early_tests_its_best_checkpoint_and_a_rerun_does_not_train_on(tmp_path, data_dir):
+def test_a_run_stops_early_tests_its_best_checkpoint_and_a_rerun_does_not_train_on(tmp_path, data_dir, monkeypatch):
   # min_delta 1.0: no evaluation after the first can improve on it, so patience 2 stops at the 3rd (step 15); the
   # test takes the best validation accuracy of the three (config.checkpoint.best_metric, no min_delta).
   args = [DIGITS, '--config.eval_every=5', '--config.log_every=5', '--config.checkpoint_every=100',
@@ -89,9 +92,12 @@ def test_a_run_stops_early_tests_its_best_checkpoint_and_a_rerun_does_not_train_
   # Saved: each new best and the stop, nothing else (checkpoint_every=100).
   saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
   assert test['tested_step'] in saved and saved[-1] == 15
-  again = run_main(*args, data_dir=data_dir)
+  monkeypatch.setenv('JAX_LOG_COMPILES', '1')
+  again = run_main(*args, '--compilation_cache=off', data_dir=data_dir)
   assert again.returncode == 0, again.stderr[-3000:]
   assert [line['step'] for line in lines(tmp_path, 'train')][-1] == 15  # no step after the stop
+  assert 'Compiling jit(train_step)' not in again.stderr  # nor is one made ahead while the checkpoint is read
+  monkeypatch.delenv('JAX_LOG_COMPILES')
   (retest,) = lines(tmp_path, 'test')
   assert without_seconds(retest) == without_seconds(test)  # the same record; only the run's timings differ
   # test_on='last': the state the run stopped with.
