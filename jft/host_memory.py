@@ -20,6 +20,17 @@ benchmarks/README.md) took 119-134 s against 133-150 s with glibc's 4 KiB pages,
 114-130 s, but a fresh process then faults its first memory in 2 MiB at a time from the hypervisor: a warm start
 to the first step took 6.3 s against 3.6 s without them.
 
+What stays where (`oversize_threshold`, in RETAINING): jemalloc serves blocks from 8 MiB up (its default) from an
+arena of their own, and a block it keeps is split for any smaller request that fits. There a train state's largest
+arrays (MiniLM's word embeddings and their two Adam moments, 47 MB each) landed inside the 1.6 GB the 32 x 128 step
+had freed and stayed there until the next checkpoint, so the next such step mapped 1.6 GB afresh: the main job at
+seed 3 peaked at 6.5 GB, against 5.4 GB with the setting below (2026-12-08, 2-core Zen 4, jemalloc's own counters
+read every second, one-off; benchmarks/README.md). They were new arrays because the step after a checkpoint cannot
+donate the state's buffers while orbax's write holds views of them (its copy to host of a CPU array is
+`np.asarray`), so it writes the state to new ones. That arena now serves blocks of 64 MiB and more only, a step's
+temporaries (209 MB for MiniLM at 32 x 17), all freed when the step ends; the state's arrays come from the arena of
+the rest.
+
 Without jemalloc, glibc with `glibc.malloc.hugetlb=1`: it asks the kernel for transparent huge pages on those
 maps (`madvise(MADV_HUGEPAGE)`), 2 MiB at a time, about 1,000 faults per step instead of 400,000. Not under a
 hypervisor that takes freed memory back: a virtual machine whose balloon device reports free pages (virtio
@@ -64,8 +75,11 @@ ALLOCATOR_VARIABLE = 'JFT_ALLOCATOR'
 ALLOCATORS = ('jemalloc', 'glibc')
 JEMALLOC = 'libjemalloc.so.2'
 LIBRARY_DIRS = (f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or ''}", '/usr/lib64', '/usr/lib', '/usr/local/lib')
-# One arena for every thread (a step's buffers come from several), freed pages never purged (dirty, then muzzy).
-RETAINING = 'narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1'
+# One arena for every thread (a step's buffers come from several), freed pages never purged (dirty, then muzzy),
+# and only blocks of 64 MiB and more in jemalloc's arena for large blocks: a step's temporaries, not the arrays of
+# a train state (see the module docstring).
+OVERSIZE_BYTES = 64 << 20
+RETAINING = f'narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:{OVERSIZE_BYTES}'
 # In LD_PRELOAD: the user chose an allocator, or a sanitizer that must own malloc.
 MALLOC_INTERPOSERS = ('jemalloc', 'tcmalloc', 'mimalloc', 'libasan', 'libtsan', 'libmsan', 'libhwasan')
 DISPATCH_VARIABLE = 'JFT_CPU_DISPATCH'
