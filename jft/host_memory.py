@@ -24,7 +24,7 @@ What stays where (`oversize_threshold`, in RETAINING): jemalloc serves blocks fr
 arena of their own, and a block it keeps is split for any smaller request that fits. There a train state's largest
 arrays (MiniLM's word embeddings and their two Adam moments, 47 MB each) landed inside the 1.6 GB the 32 x 128 step
 had freed and stayed there until the next checkpoint, so the next such step mapped 1.6 GB afresh: the main job at
-seed 3 peaked at 6.5 GB, against 5.4 GB with the setting below (2026-12-08, 2-core Zen 4, jemalloc's own counters
+seed 3 peaked at 6.5 GB, against 5.4 GB with the threshold below (2026-12-08, 2-core Zen 4, jemalloc's own counters
 read every second, one-off; benchmarks/README.md). They were new arrays because the step after a checkpoint cannot
 donate the state's buffers while orbax's write holds views of them (its copy to host of a CPU array is
 `np.asarray`), so it writes the state to new ones. That arena now serves blocks of 64 MiB and more only, a step's

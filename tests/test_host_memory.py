@@ -218,7 +218,6 @@ def test_jemalloc_restart_keeps_the_process_and_the_memory(tmp_path):
   assert end['faults'] < 1_000, (end, plain)
 
 
-
 # A step with 512 MiB of temporaries run twice, then three 48 MiB arrays made that stay (as a train state's largest
 # arrays do once a step has run), then the step again; prints the minor page faults of that last call.
 _KEPT_ARRAYS_SCRIPT = textwrap.dedent("""
@@ -254,6 +253,7 @@ def test_arrays_that_stay_do_not_take_the_memory_a_step_keeps(tmp_path):
   end = json.loads(result.stdout.splitlines()[-1])
   assert end['setting'] == 'jemalloc'
   assert end['faults'] < 1_000, end  # the step's memory reused whole
+
 
 @pytest.mark.parametrize('variable, value, choices', [('JFT_ALLOCATOR', 'tcmalloc', 'jemalloc or glibc'),
                                                       ('JFT_CPU_DISPATCH', 'sync', 'inline or async')])
