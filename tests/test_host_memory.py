@@ -168,10 +168,10 @@ _STEP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_step(tmp_path, **environ) -> tuple[list[dict], dict]:
-  """(the start lines, the end line) of the step script in a fresh process with `environ` added."""
+def _run_step(tmp_path, source: str = _STEP_SCRIPT, **environ) -> tuple[list[dict], dict]:
+  """(the start lines, the end line) of a step script in a fresh process with `environ` added."""
   script = tmp_path / 'step.py'
-  script.write_text(_STEP_SCRIPT)
+  script.write_text(source)
   env = host_memory.without_setting(os.environ, host_memory.find_jemalloc())
   for variable in (host_memory.SWITCH_VARIABLE, host_memory.ALLOCATOR_VARIABLE):
     env.pop(variable, None)
@@ -219,7 +219,8 @@ def test_jemalloc_restart_keeps_the_process_and_the_memory(tmp_path):
 
 
 # A step with 512 MiB of temporaries run twice, then three 48 MiB arrays made that stay (as a train state's largest
-# arrays do once a step has run), then the step again; prints the minor page faults of that last call.
+# arrays do once a step has run), then the step again; prints (as its end line) the minor page faults of that last
+# call.
 _KEPT_ARRAYS_SCRIPT = textwrap.dedent("""
     import json, resource
     from jft import host_memory
@@ -233,7 +234,7 @@ _KEPT_ARRAYS_SCRIPT = textwrap.dedent("""
     kept = [jnp.full(12 << 20, float(i)) for i in range(3)]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x).block_until_ready()
-    print(json.dumps({'setting': host_memory.describe(),
+    print(json.dumps({'phase': 'end', 'setting': host_memory.describe(),
                       'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """)
 
@@ -243,14 +244,7 @@ _KEPT_ARRAYS_SCRIPT = textwrap.dedent("""
 def test_arrays_that_stay_do_not_take_the_memory_a_step_keeps(tmp_path):
   # jemalloc's default sends blocks of 8 MiB and more to its arena for large blocks: there the kept arrays took a
   # piece of the step's freed 512 MiB, and the next call mapped 512 MiB afresh (131,077 faults, 2026-12-08).
-  script = tmp_path / 'kept.py'
-  script.write_text(_KEPT_ARRAYS_SCRIPT)
-  env = host_memory.without_setting(os.environ, host_memory.find_jemalloc())
-  for variable in (host_memory.SWITCH_VARIABLE, host_memory.ALLOCATOR_VARIABLE, 'MALLOC_CONF'):
-    env.pop(variable, None)
-  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True,
-                          env={**env, 'JAX_PLATFORMS': 'cpu'})
-  end = json.loads(result.stdout.splitlines()[-1])
+  _, end = _run_step(tmp_path, _KEPT_ARRAYS_SCRIPT)
   assert end['setting'] == 'jemalloc'
   assert end['faults'] < 1_000, end  # the step's memory reused whole
 
